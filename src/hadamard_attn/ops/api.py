@@ -122,9 +122,7 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int, v: torch.Tensor)
 
 
 def _triton_reason(q, k, v, causal) -> str | None:
-    """None when the Triton kernels can run these inputs, else why not."""
-    if not v.is_cuda:
-        return "the Triton kernels need CUDA tensors"
+    """None when the Triton kernels can run these inputs (CUDA tensors, or CPU under TRITON_INTERPRET=1)."""
     try:
         from . import triton as triton_ops
     except ImportError as e:
@@ -216,7 +214,7 @@ def hadamard_attn(
         _check_state(initial_state, N, H, M, Dv, v, "initial_state")
 
     if backend == "auto":
-        if _triton_reason(q, k, v, causal) is None:
+        if v.is_cuda and _triton_reason(q, k, v, causal) is None:
             backend = "triton"
         else:
             backend = "chunk" if causal else "parallel"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 
@@ -14,7 +13,7 @@ from .parallel import parallel_hadamard_attn
 from .recurrent import recurrent_hadamard_attn, step_hadamard_attn
 from .utils import seq_bounds, state_dtype
 
-Factors = Union[torch.Tensor, Sequence[torch.Tensor]]
+Factors = torch.Tensor | Sequence[torch.Tensor]
 State = tuple[torch.Tensor, torch.Tensor]
 
 BACKENDS = ("auto", "naive", "parallel", "chunk", "recurrent", "triton")
@@ -54,8 +53,7 @@ def _check_factors(q: tuple[torch.Tensor, ...], k: tuple[torch.Tensor, ...], v: 
         for f, t in enumerate(factors):
             if t.shape[:-1] != lead:
                 raise ValueError(
-                    f"{name}[{f}]: leading dims {tuple(t.shape[:-1])} do not match v's {tuple(lead)} "
-                    f"({_lead(v.dim())})"
+                    f"{name}[{f}]: leading dims {tuple(t.shape[:-1])} do not match v's {tuple(lead)} ({_lead(v.dim())})"
                 )
             if t.shape[-1] == 0:
                 raise ValueError(f"{name}[{f}]: factor width R_f must be >= 1, got 0")
@@ -65,8 +63,9 @@ def _check_factors(q: tuple[torch.Tensor, ...], k: tuple[torch.Tensor, ...], v: 
                 raise ValueError(f"{name}[{f}]: device {t.device} does not match v's {v.device}")
     for f, (qf, kf) in enumerate(zip(q, k)):
         if qf.shape[-1] != kf.shape[-1]:
-            raise ValueError(f"q[{f}] and k[{f}] must have the same width R_{f + 1}, got {qf.shape[-1]} and "
-                             f"{kf.shape[-1]}")
+            raise ValueError(
+                f"q[{f}] and k[{f}] must have the same width R_{f + 1}, got {qf.shape[-1]} and {kf.shape[-1]}"
+            )
 
 
 def _check_v(v: torch.Tensor, rank: int) -> None:
@@ -145,7 +144,12 @@ def _run(path, q, k, v, causal, normalize, eps, initial_state, output_final_stat
     for n, (s, e) in enumerate(seq_bounds(cu_seqlens)):
         init = None if initial_state is None else (initial_state[0][n : n + 1], initial_state[1][n : n + 1])
         o, st = fn(
-            tuple(x[:, s:e] for x in q), tuple(x[:, s:e] for x in k), v[:, s:e], normalize, eps, init,
+            tuple(x[:, s:e] for x in q),
+            tuple(x[:, s:e] for x in k),
+            v[:, s:e],
+            normalize,
+            eps,
+            init,
             output_final_state,
         )
         outs.append(o)

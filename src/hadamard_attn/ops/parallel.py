@@ -38,9 +38,7 @@ def split_state(S_aug: torch.Tensor) -> State:
     return S_aug[..., :-1].contiguous(), S_aug[..., -1].contiguous()
 
 
-def read_grads(
-    do: torch.Tensor, nd: torch.Tensor, normalize: bool, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def read_grads(do: torch.Tensor, nd: torch.Tensor, normalize: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Output and the gradient w.r.t. ``[numerator | denominator]`` for one tile.
 
     Args:

@@ -89,7 +89,8 @@ def test_recurrent(B, T, widths, normalize, with_state):
 @pytest.mark.parametrize("tile", [1, 7, 16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_tile_sizes(tile, causal):
-    """Tiles and chunks smaller than T, including a ragged last one, and chunks of a single token."""
+    """Tiles and chunks smaller than T, several blocks of chunks, a ragged last chunk and block, chunks of one
+    token."""
     g = torch.Generator().manual_seed(tile)
     widths = (4, 3, 2)
     q, k, v = random_inputs(2, 37, H, widths, DV, generator=g)
@@ -98,7 +99,10 @@ def test_tile_sizes(tile, causal):
     ref = outputs_and_grads(lambda: naive_hadamard_attn(tuple(q), tuple(k), v, causal, True, 1e-6, state, True), leaves)
     if causal:
         out = outputs_and_grads(
-            lambda: chunk_hadamard_attn(tuple(q), tuple(k), v, True, 1e-6, state, True, chunk_size=tile), leaves
+            lambda: chunk_hadamard_attn(
+                tuple(q), tuple(k), v, True, 1e-6, state, True, chunk_size=tile, block_size=3 * tile
+            ),
+            leaves,
         )
     else:
         out = outputs_and_grads(
@@ -311,3 +315,9 @@ def test_long_low_precision(dtype, backend, causal):
     assert out[2].min() > 4 * 65504  # every entry of z is far beyond the fp16 range
     ref = outputs_and_grads(lambda: run(lambda x: x.float()), leaves)
     compare(ref, out, NAMES + tuple(leaf_names(2, False)), 1e-2)
+
+
+@pytest.mark.parametrize("backend,causal", [("parallel", False), ("chunk", True)])
+def test_eps_zero(backend, causal):
+    """eps = 0 is allowed: with a ragged last chunk the padding must not turn 0/0 into NaN gradients."""
+    check_against_naive(backend, 2, 37, (4, 2), causal, True, True, seed=17, eps=0.0)

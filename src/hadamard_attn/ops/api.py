@@ -11,7 +11,7 @@ from .chunk import chunk_hadamard_attn
 from .naive import naive_hadamard_attn
 from .parallel import parallel_hadamard_attn
 from .recurrent import recurrent_hadamard_attn, step_hadamard_attn
-from .utils import seq_bounds, state_dtype
+from .utils import feature_size, seq_bounds, state_dtype
 
 Factors = torch.Tensor | Sequence[torch.Tensor]
 State = tuple[torch.Tensor, torch.Tensor]
@@ -209,7 +209,7 @@ def hadamard_attn(
     B, T, H, Dv = v.shape
     if T == 0:
         raise ValueError("v: sequence length T must be >= 1, got 0")
-    M = math.prod(x.shape[-1] for x in q)
+    M = feature_size(q)
     N = B
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, B, T, v)
@@ -259,5 +259,5 @@ def hadamard_attn_step(
     _check_eps(eps)
     B, H, Dv = v.shape
     if state is not None:
-        _check_state(state, B, H, math.prod(x.shape[-1] for x in q), Dv, v, "state")
+        _check_state(state, B, H, feature_size(q), Dv, v, "state")
     return step_hadamard_attn(q, k, v, state, normalize, eps)

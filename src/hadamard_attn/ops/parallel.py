@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .utils import khatri_rao, khatri_rao_backward, state_dtype
+from .utils import feature_size, khatri_rao, khatri_rao_backward, state_dtype
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -67,12 +67,9 @@ class ParallelHLA(torch.autograd.Function):
     def forward(ctx, P, normalize, eps, block_size, v, S0, z0, *factors):
         q, k = factors[:P], factors[P:]
         B, T, H, Dv = v.shape
-        M = 1
-        for x in q:
-            M *= x.shape[-1]
         acc = state_dtype(v.dtype)
         init = None if S0 is None else (S0, z0)
-        S_aug = augment_state(init, B, H, M, Dv, acc, v.device)  # [B, H, M, Dv + 1]
+        S_aug = augment_state(init, B, H, feature_size(q), Dv, acc, v.device)  # [B, H, M, Dv + 1]
         for t0 in range(0, T, block_size):
             t1 = min(t0 + block_size, T)
             K = khatri_rao(tuple(tile(x, t0, t1, acc) for x in k))  # [B, H, BT, M]

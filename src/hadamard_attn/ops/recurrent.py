@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .parallel import State, augment_state, normalize_output, split_state, with_ones
-from .utils import khatri_rao, state_dtype
+from .utils import feature_size, khatri_rao, state_dtype
 
 
 def _step(qt, kt, vt, S_aug, normalize, eps):
@@ -24,10 +24,7 @@ def _step(qt, kt, vt, S_aug, normalize, eps):
 
 def _initial(q, v, state):
     B, H, Dv = v.shape[0], v.shape[-2], v.shape[-1]
-    M = 1
-    for x in q:
-        M *= x.shape[-1]
-    return augment_state(state, B, H, M, Dv, state_dtype(v.dtype), v.device)
+    return augment_state(state, B, H, feature_size(q), Dv, state_dtype(v.dtype), v.device)
 
 
 def step_hadamard_attn(

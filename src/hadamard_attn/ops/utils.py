@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import string
 
 import torch
@@ -37,6 +38,11 @@ def khatri_rao_backward(factors: tuple[torch.Tensor, ...], grad: torch.Tensor) -
         spec = "...{},{}->...{}".format(modes, ",".join("..." + modes[i] for i in others), modes[f])
         out.append(torch.einsum(spec, grad, *(factors[i] for i in others)))
     return out
+
+
+def feature_size(factors: tuple[torch.Tensor, ...]) -> int:
+    """``M = R_1 * ... * R_P``, the size of the implicit feature and of the state."""
+    return math.prod(x.shape[-1] for x in factors)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:

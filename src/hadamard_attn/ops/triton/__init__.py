@@ -1,0 +1,69 @@
+"""Fused Triton kernels for HLA; ``hadamard_attn(..., backend="triton")`` comes here.
+
+``unsupported_reason`` says which inputs the kernels take; ``triton_hadamard_attn`` runs them with the
+semantics of ``naive_hadamard_attn``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .parallel import parallel_hadamard_attn_triton
+
+__all__ = ["parallel_hadamard_attn_triton", "triton_hadamard_attn", "unsupported_reason"]
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+MAX_FACTORS = 3
+MAX_WIDTH = 64
+MAX_M = 4096
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def unsupported_reason(q, k, v: torch.Tensor, causal: bool) -> str | None:
+    """None when the kernels run these (validated) inputs, else why not."""
+    if v.device.type != "cuda" and not (v.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return f"the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {v.device}"
+    if causal:
+        return "causal HLA has no Triton kernel yet; use backend='chunk'"
+    if v.dtype not in DTYPES:
+        return f"the Triton kernels take float16, bfloat16 or float32 inputs, got {v.dtype}"
+    if len(q) > MAX_FACTORS:
+        return f"the Triton kernels take P <= {MAX_FACTORS} factors, got P = {len(q)}"
+    widths = [x.shape[-1] for x in q]
+    if not all(_pow2(r) and r <= MAX_WIDTH for r in widths):
+        return f"the Triton kernels take factor widths that are powers of two up to {MAX_WIDTH}, got {widths}"
+    if math.prod(widths) > MAX_M:
+        return f"the Triton kernels take M = R_1 * ... * R_P <= {MAX_M}, got {math.prod(widths)}"
+    Dv = v.shape[-1]
+    if not (_pow2(Dv) and 16 <= Dv <= 256):
+        return f"the Triton kernels take Dv a power of two in [16, 256], got {Dv}"
+    return None
+
+
+def triton_hadamard_attn(
+    q: tuple[torch.Tensor, ...],
+    k: tuple[torch.Tensor, ...],
+    v: torch.Tensor,
+    causal: bool = False,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, State | None]:
+    """HLA with the Triton kernels, on inputs validated by ``hadamard_attn`` and accepted by ``unsupported_reason``.
+
+    Same arguments and results as ``naive_hadamard_attn``.
+    """
+    reason = unsupported_reason(q, k, v, causal)
+    if reason is not None:
+        raise ValueError(reason)
+    return parallel_hadamard_attn_triton(q, k, v, normalize, eps, initial_state, output_final_state, cu_seqlens)

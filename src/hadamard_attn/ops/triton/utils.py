@@ -1,0 +1,218 @@
+"""Helpers shared by the HLA Triton kernels: Khatri-Rao tiles in registers, their gradient, sequence bounds.
+
+A tile of the implicit feature ``phi = x_1 (x) ... (x) x_P`` (row-major, factor 1 slowest) is the product of
+one block of each factor: ``B_1 x ... x B_P`` feature indices, ``BM = B_1 * ... * B_P``. Inner factors are
+taken whole where the tile allows (``B_f = R_f``), the outer ones in blocks. Only factor 1 may be padded
+(``B_1 > R_1``, masked), to give ``tl.dot`` the 16 rows it needs when ``M < 16``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output the kernels write in full is allocated here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def dot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The operand dtype of ``tl.dot`` for inputs of ``dtype``; fp32 under the interpreter (its bf16 dots are
+    wrong)."""
+    return torch.float32 if interpreting() else dtype
+
+
+def dot_config(dtype: torch.dtype) -> tuple[tl.dtype, str]:
+    """``(DOT, PREC)`` kernel arguments: the ``tl.dot`` operand dtype and its fp32 precision."""
+    return _TL[dot_dtype(dtype)], "ieee" if interpreting() else "tf32x3"
+
+
+def widths3(widths: tuple[int, ...]) -> tuple[int, int, int]:
+    """P <= 3 factor widths padded with 1 to three: ``(R_1, R_2, R_3)``."""
+    return tuple(widths) + (1,) * (3 - len(widths))
+
+
+def factor_blocks(R1: int, R2: int, R3: int, BM: int) -> tuple[int, int, int]:
+    """Block of each factor in a Khatri-Rao tile of about ``BM`` features, at least 16, inner factors first."""
+    B3 = min(R3, BM)
+    B2 = min(R2, max(BM // B3, 1))
+    B1 = min(R1, max(BM // (B2 * B3), 1))
+    B1 = max(B1, 16 // (B2 * B3))  # pad factor 1 (masked) up to 16 features
+    return B1, B2, B3
+
+
+def block_heuristics(BM_key: str = "BM"):
+    """``triton.heuristics`` giving ``B1, B2, B3`` (factor blocks) and ``NM`` (tiles over M) from the widths."""
+
+    def blocks(args):
+        return factor_blocks(args["R1"], args["R2"], args["R3"], args[BM_key])
+
+    return {
+        "B1": lambda a: blocks(a)[0],
+        "B2": lambda a: blocks(a)[1],
+        "B3": lambda a: blocks(a)[2],
+        "NM": lambda a: math.prod(triton.cdiv(r, b) for r, b in zip((a["R1"], a["R2"], a["R3"]), blocks(a))),
+    }
+
+
+class Seqs(NamedTuple):
+    """Where the sequences lie in the flat tokens ``[TT = B * T]``."""
+
+    cu_seqlens: torch.Tensor  # int32 [N + 1] (varlen) or a dummy
+    seq_ids: torch.Tensor  # int32 [TT]: sequence of each token (varlen) or a dummy
+    N: int  # number of sequences (and of states)
+    T_SEQ: int  # length of every sequence (dense batch) or 0
+    IS_VARLEN: bool
+
+
+def sequences(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> Seqs:
+    """The B rows of a dense batch, or the ``cu_seqlens`` ranges of a packed one (``B == 1``)."""
+    if cu_seqlens is None:
+        dummy = torch.empty(1, dtype=torch.int32, device=device)
+        return Seqs(dummy, dummy, B, T, False)
+    cu = cu_seqlens.to(torch.int32)
+    seq_ids = torch.bucketize(torch.arange(T, device=device, dtype=torch.int32), cu[1:], right=True).to(torch.int32)
+    return Seqs(cu, seq_ids, cu.numel() - 1, 0, True)
+
+
+@triton.jit
+def seq_of(seq_ids, t, T_SEQ, IS_VARLEN: tl.constexpr):
+    """Index of the sequence that flat token ``t`` belongs to."""
+    if IS_VARLEN:
+        n = tl.load(seq_ids + t)
+    else:
+        n = t // T_SEQ
+    return n
+
+
+@triton.jit
+def seq_bounds(cu_seqlens, n, T_SEQ, IS_VARLEN: tl.constexpr):
+    """``[bos, eos)``: flat token range of sequence ``n``."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + n)
+        eos = tl.load(cu_seqlens + n + 1)
+    else:
+        bos = n * T_SEQ
+        eos = bos + T_SEQ
+    return bos, eos
+
+
+@triton.jit
+def factor_block(x, rows, mask_t, i_f, R: tl.constexpr, B: tl.constexpr):
+    """Block ``i_f`` of one factor ``[TT, H, R]`` (``rows = t * H + h``): ``[BT, B]`` fp32 and its offsets."""
+    o = i_f * B + tl.arange(0, B)
+    a = tl.load(x + rows[:, None] * R + o[None, :], mask=mask_t[:, None] & (o < R)[None, :], other=0)
+    return a.to(tl.float32), o
+
+
+@triton.jit
+def kr_index(
+    i_m,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    R3: tl.constexpr,
+    B1: tl.constexpr,
+    B2: tl.constexpr,
+    B3: tl.constexpr,
+    P: tl.constexpr,
+):
+    """Feature indices ``m [BM]`` of Khatri-Rao tile ``i_m`` (``>= M``: padding)."""
+    i3 = i_m % (R3 // B3)
+    i2 = (i_m // (R3 // B3)) % (R2 // B2)
+    i1 = i_m // ((R3 // B3) * (R2 // B2))
+    m = (i1 * B1 + tl.arange(0, B1)) * (R2 * R3)  # [B1]
+    if P >= 2:
+        m = tl.reshape(m[:, None] + (i2 * B2 + tl.arange(0, B2))[None, :] * R3, (B1 * B2,))
+    if P == 3:
+        m = tl.reshape(m[:, None] + (i3 * B3 + tl.arange(0, B3))[None, :], (B1 * B2 * B3,))
+    return m
+
+
+@triton.jit
+def kr_tile(
+    x1,
+    x2,
+    x3,
+    rows,
+    mask_t,
+    i_m,
+    BT: tl.constexpr,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    R3: tl.constexpr,
+    B1: tl.constexpr,
+    B2: tl.constexpr,
+    B3: tl.constexpr,
+    P: tl.constexpr,
+):
+    """Khatri-Rao tile ``i_m`` of the rows: ``phi [BT, BM]`` fp32, feature indices ``m [BM]`` (``>= M``: padding)
+    and the factor blocks ``a_f [BT, B_f]`` with their offsets (for the gradient)."""
+    i3 = i_m % (R3 // B3)
+    i2 = (i_m // (R3 // B3)) % (R2 // B2)
+    i1 = i_m // ((R3 // B3) * (R2 // B2))
+    a1, o1 = factor_block(x1, rows, mask_t, i1, R1, B1)
+    phi = a1  # [BT, B1]
+    m = o1 * (R2 * R3)  # [B1]
+    a2, o2 = a1, o1
+    a3, o3 = a1, o1
+    if P >= 2:
+        a2, o2 = factor_block(x2, rows, mask_t, i2, R2, B2)
+        phi = tl.reshape(phi[:, :, None] * a2[:, None, :], (BT, B1 * B2))
+        m = tl.reshape(m[:, None] + o2[None, :] * R3, (B1 * B2,))
+    if P == 3:
+        a3, o3 = factor_block(x3, rows, mask_t, i3, R3, B3)
+        phi = tl.reshape(phi[:, :, None] * a3[:, None, :], (BT, B1 * B2 * B3))
+        m = tl.reshape(m[:, None] + o3[None, :], (B1 * B2 * B3,))
+    return phi, m, a1, a2, a3, o1, o2, o3
+
+
+@triton.jit
+def kr_tile_backward(
+    dphi,
+    a1,
+    a2,
+    a3,
+    o1,
+    o2,
+    o3,
+    dx1,
+    dx2,
+    dx3,
+    rows,
+    mask_t,
+    BT: tl.constexpr,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    R3: tl.constexpr,
+    B1: tl.constexpr,
+    B2: tl.constexpr,
+    B3: tl.constexpr,
+    P: tl.constexpr,
+):
+    """Adds the gradient of a Khatri-Rao tile, ``dphi [BT, BM]``, to the fp32 factor gradients ``dx_f [TT, H, R_f]``."""
+    if P == 3:
+        d = tl.reshape(dphi, (BT, B1 * B2, B3))
+        a12 = tl.reshape(a1[:, :, None] * a2[:, None, :], (BT, B1 * B2))
+        g3 = tl.sum(d * a12[:, :, None], 1)  # [BT, B3]
+        tl.atomic_add(dx3 + rows[:, None] * R3 + o3[None, :], g3, mask=mask_t[:, None], sem="relaxed")
+        dphi = tl.sum(d * a3[:, None, :], 2)  # [BT, B1 * B2]
+    if P >= 2:
+        d = tl.reshape(dphi, (BT, B1, B2))
+        g2 = tl.sum(d * a1[:, :, None], 1)  # [BT, B2]
+        tl.atomic_add(dx2 + rows[:, None] * R2 + o2[None, :], g2, mask=mask_t[:, None], sem="relaxed")
+        dphi = tl.sum(d * a2[:, None, :], 2)  # [BT, B1]
+    mask = mask_t[:, None] & (o1 < R1)[None, :]
+    tl.atomic_add(dx1 + rows[:, None] * R1 + o1[None, :], dphi, mask=mask, sem="relaxed")

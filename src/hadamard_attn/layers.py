@@ -1,0 +1,172 @@
+"""The HLA attention layer: projections, q/k norm, rotary embedding, per-factor feature maps, the HLA operator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .feature_maps import FEATURE_MAPS, make_feature_map
+from .ops import BACKENDS, hadamard_attn
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class HLAConfig:
+    """Configuration of :class:`HadamardAttention`.
+
+    Args:
+        dim: model width (input and output features).
+        num_heads: number of heads H.
+        head_dim: per-head q/k/v size; None means ``dim // num_heads`` (then ``dim`` must be divisible by it).
+        widths: one feature width R_f per factor, P = ``len(widths)`` factors; they may differ, e.g. ``(64, 4)``.
+            The state has ``M = R_1 * ... * R_P`` features per head. Fixed maps need ``head_dim`` (``elu``,
+            ``relu``) or ``head_dim + 1`` (``affine``); ``hedgehog`` needs even widths.
+        feature_map: one of ``"elu"``, ``"relu"``, ``"affine"``, ``"hedgehog"``, ``"mlp"``.
+        shared_factors: one (query map, key map) pair for all factors, so ``A = S^P`` (needs equal widths).
+        causal: token i attends to tokens j <= i.
+        qk_norm: RMSNorm of q and k over ``head_dim`` before the rotary embedding and the feature maps.
+        bias: bias in the q/k/v/o projections.
+        normalize: divide by the attention row sums (``A V / (A 1 + eps)``) or return ``A V``.
+        eps: added to the denominator, >= 0.
+        backend: passed to :func:`hadamard_attn.hadamard_attn` (``"auto"``, ``"naive"``, ``"parallel"``, ...).
+    """
+
+    dim: int
+    num_heads: int
+    head_dim: int | None = None
+    widths: tuple[int, ...] = (32, 32)
+    feature_map: str = "hedgehog"
+    shared_factors: bool = False
+    causal: bool = False
+    qk_norm: bool = True
+    bias: bool = False
+    normalize: bool = True
+    eps: float = 1e-6
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.head_dim is None:
+            if self.dim % self.num_heads:
+                raise ValueError(
+                    f"dim: {self.dim} is not divisible by num_heads {self.num_heads}; change one or set head_dim"
+                )
+            self.head_dim = self.dim // self.num_heads
+        if self.head_dim < 1:
+            raise ValueError(f"head_dim: must be >= 1, got {self.head_dim}")
+        self.widths = tuple(self.widths)
+        if not self.widths:
+            raise ValueError("widths: needs at least one factor width, got ()")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map: must be one of {tuple(FEATURE_MAPS)}, got {self.feature_map!r}")
+        for f, width in enumerate(self.widths):
+            error = FEATURE_MAPS[self.feature_map].width_error(self.head_dim, width)
+            if error is not None:
+                raise ValueError(f"widths[{f}]: with feature_map={self.feature_map!r} the width {error}")
+        if self.shared_factors and len(set(self.widths)) > 1:
+            raise ValueError(f"shared_factors: needs equal widths, got widths={self.widths}")
+        if FEATURE_MAPS[self.feature_map].signed and len(self.widths) % 2 and self.normalize:
+            raise ValueError(
+                f"feature_map={self.feature_map!r} is signed: with an odd number of factors P = len(widths) = "
+                f"{len(self.widths)} and normalize=True the denominator can cross zero (spec §3); "
+                "use an even P, normalize=False or a non-negative map"
+            )
+        if self.eps < 0:
+            raise ValueError(f"eps: must be >= 0, got {self.eps}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: must be one of {BACKENDS}, got {self.backend!r}")
+        if (self.backend == "parallel" and self.causal) or (self.backend in ("chunk", "recurrent") and not self.causal):
+            raise ValueError(f"backend: {self.backend!r} does not support causal={self.causal}")
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half convention (Llama / Hugging Face).
+
+    Args:
+        x: ``[B, T, H, D]``.
+        cos, sin: ``[T, D]`` or ``[B, T, D]``.
+
+    Returns:
+        ``x * cos + rotate_half(x) * sin``, ``[B, T, H, D]``, with ``rotate_half([x1, x2]) = [-x2, x1]``.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)  # [B, T, H, D]
+    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
+
+
+class HadamardAttention(nn.Module):
+    """Hadamard Linear Attention layer, a drop-in for softmax self-attention.
+
+    ``q, k, v = proj(x)``; q and k get RMSNorm (``qk_norm``) and the rotary embedding, then each factor f maps
+    them with its own query map and key map to non-negative features ``[B, T, H, R_f]``; the HLA operator
+    weighs the values by the Hadamard product of the P factor similarities; ``o_proj`` mixes the heads.
+    """
+
+    def __init__(self, config: HLAConfig) -> None:
+        super().__init__()
+        self.config = config
+        H, D = config.num_heads, config.head_dim
+        self.q_proj = nn.Linear(config.dim, H * D, bias=config.bias)
+        self.k_proj = nn.Linear(config.dim, H * D, bias=config.bias)
+        self.v_proj = nn.Linear(config.dim, H * D, bias=config.bias)
+        self.o_proj = nn.Linear(H * D, config.dim, bias=config.bias)
+        self.q_norm = nn.RMSNorm(D) if config.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(D) if config.qk_norm else nn.Identity()
+        # one (query map, key map) pair per factor, or a single pair for all factors when shared
+        widths = config.widths[:1] if config.shared_factors else config.widths
+        self.q_maps = nn.ModuleList(make_feature_map(config.feature_map, H, D, w) for w in widths)
+        self.k_maps = nn.ModuleList(make_feature_map(config.feature_map, H, D, w) for w in widths)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        state: State | None = None,
+        output_state: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, State]:
+        """HLA self-attention over ``x``.
+
+        Args:
+            x: ``[B, T, dim]``.
+            rotary_emb: ``(cos, sin)``, each ``[T, head_dim]`` or ``[B, T, head_dim]``, for this call's positions.
+            state: ``(S [N, H, M, head_dim], z [N, H, M])`` from an earlier call with ``output_state=True``; the
+                tokens of this call attend to it (e.g. decoding token by token after a prompt).
+            output_state: also return the state after this call's tokens.
+            cu_seqlens: ``[N + 1]`` offsets of sequences packed into ``B == 1``.
+
+        Returns:
+            ``out [B, T, dim]``, or ``(out, state)`` with ``output_state``.
+        """
+        B, T, _ = x.shape
+        H, D = self.config.num_heads, self.config.head_dim
+        q = self.q_norm(self.q_proj(x).view(B, T, H, D))  # [B, T, H, D]
+        k = self.k_norm(self.k_proj(x).view(B, T, H, D))  # [B, T, H, D]
+        v = self.v_proj(x).view(B, T, H, D)  # [B, T, H, D]
+        if rotary_emb is not None:
+            q, k = apply_rotary(q, *rotary_emb), apply_rotary(k, *rotary_emb)
+        P = len(self.config.widths)
+        # .to(v.dtype): CUDA autocast runs the softmax of the learnable maps in fp32
+        qs = [m(q).to(v.dtype) for m in self.q_maps]  # P (or 1 if shared) x [B, T, H, R_f]
+        ks = [m(k).to(v.dtype) for m in self.k_maps]  # P (or 1 if shared) x [B, T, H, R_f]
+        if self.config.shared_factors:
+            qs, ks = qs * P, ks * P
+        o, final_state = hadamard_attn(
+            qs,
+            ks,
+            v,
+            causal=self.config.causal,
+            normalize=self.config.normalize,
+            eps=self.config.eps,
+            initial_state=state,
+            output_final_state=output_state,
+            cu_seqlens=cu_seqlens,
+            backend=self.config.backend,
+        )
+        out = self.o_proj(o.reshape(B, T, H * D))  # [B, T, dim]
+        return (out, final_state) if output_state else out

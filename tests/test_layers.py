@@ -11,6 +11,7 @@ import torch
 
 from hadamard_attn import FEATURE_MAPS, HadamardAttention, HLAConfig, apply_rotary, hadamard_attn, layers
 from hadamard_attn.feature_maps import FixedFeatureMap
+from hadamard_attn.testing import assert_close
 
 DIM, H, D = 16, 2, 8
 TOL = 1e-10
@@ -42,13 +43,6 @@ def rotary(T: int, B: int | None = None, base: float = 100.0) -> tuple[torch.Ten
     angles = pos[..., None] * inv_freq  # [..., T, D/2]
     angles = torch.cat([angles, angles], dim=-1)  # [..., T, D]
     return angles.cos(), angles.sin()
-
-
-def assert_close(name: str, ref: torch.Tensor, x: torch.Tensor, tol: float = TOL) -> None:
-    """Relative RMS error ``rms(x - ref) <= tol * rms(ref)``."""
-    assert ref.shape == x.shape, f"{name}: shape {tuple(x.shape)} != {tuple(ref.shape)}"
-    err, scale = (x - ref).pow(2).mean().sqrt().item(), ref.pow(2).mean().sqrt().item()
-    assert err <= tol * scale, f"{name}: RMS error {err:.3e} > {tol:.0e} * RMS {scale:.3e}"
 
 
 def output_and_grads(layer: HadamardAttention, x: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
@@ -99,7 +93,7 @@ def test_layer_vs_naive(feature_map, causal, widths, shared, normalize, qk_norm)
     assert ref.keys() == got.keys()
     assert len(got) == 2 + len(list(layer.parameters()))
     for name in ref:
-        assert_close(name, ref[name], got[name])
+        assert_close(name, ref[name], got[name], TOL)
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -116,7 +110,7 @@ def test_matches_definition(shared):
     A = sims[0] ** 2 if shared else sims[0] * sims[1]  # [B, H, T, T]
     A = A.tril()
     o = torch.einsum("bhij,bjhd->bihd", A, v) / (A.sum(-1).transpose(1, 2)[..., None] + layer.config.eps)
-    assert_close("out", layer.o_proj(o.reshape(B, T, H * D)), layer(x))
+    assert_close("out", layer.o_proj(o.reshape(B, T, H * D)), layer(x), TOL)
 
 
 @pytest.mark.parametrize("feature_map", ["hedgehog", "mlp", "elu"])
@@ -132,10 +126,10 @@ def test_decode(feature_map):
     for t in range(T):
         o, state = layer(x[:, t : t + 1], rotary_emb=(cos[t : t + 1], sin[t : t + 1]), state=state, output_state=True)
         outs.append(o)
-    assert_close("out", full, torch.cat(outs, dim=1))
+    assert_close("out", full, torch.cat(outs, dim=1), TOL)
     assert state[0].shape == (B, H, M, D) and state[1].shape == (B, H, M)
     for name, a, b in zip(("S", "z"), full_state, state):
-        assert_close(name, a, b)
+        assert_close(name, a, b, TOL)
 
 
 def test_state_carried():
@@ -146,9 +140,9 @@ def test_state_carried():
     full, full_state = layer(x, rotary_emb=(cos, sin), output_state=True)
     first, state = layer(x[:, :4], rotary_emb=(cos[:4], sin[:4]), output_state=True)
     rest, state = layer(x[:, 4:], rotary_emb=(cos[4:], sin[4:]), state=state, output_state=True)
-    assert_close("out", full, torch.cat([first, rest], dim=1))
+    assert_close("out", full, torch.cat([first, rest], dim=1), TOL)
     for name, a, b in zip(("S", "z"), full_state, state):
-        assert_close(name, a, b)
+        assert_close(name, a, b, TOL)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -162,9 +156,9 @@ def test_varlen(causal):
     packed_rope = tuple(torch.cat(parts) for parts in zip(*ropes))  # positions restart per sequence
     out, state = layer(torch.cat(xs, dim=1), rotary_emb=packed_rope, output_state=True, cu_seqlens=cu_seqlens)
     sep = [layer(x, rotary_emb=rope, output_state=True) for x, rope in zip(xs, ropes)]
-    assert_close("out", torch.cat([o for o, _ in sep], dim=1), out)
-    assert_close("S", torch.cat([s[0] for _, s in sep]), state[0])
-    assert_close("z", torch.cat([s[1] for _, s in sep]), state[1])
+    assert_close("out", torch.cat([o for o, _ in sep], dim=1), out, TOL)
+    assert_close("S", torch.cat([s[0] for _, s in sep]), state[0], TOL)
+    assert_close("z", torch.cat([s[1] for _, s in sep]), state[1], TOL)
 
 
 def test_rotary_relative():
@@ -172,7 +166,7 @@ def test_rotary_relative():
     layer = make_layer(feature_map="affine", widths=(D + 1, D + 1), causal=True)
     x = torch.randn(2, 6, DIM, dtype=torch.float64)
     cos, sin = rotary(11)
-    assert_close("shifted", layer(x, rotary_emb=(cos[:6], sin[:6])), layer(x, rotary_emb=(cos[5:], sin[5:])))
+    assert_close("shifted", layer(x, rotary_emb=(cos[:6], sin[:6])), layer(x, rotary_emb=(cos[5:], sin[5:])), TOL)
 
 
 def test_rotary():
@@ -180,14 +174,14 @@ def test_rotary():
     x = torch.randn(2, 5, DIM, dtype=torch.float64)
     plain = layer(x)
     identity = (torch.ones(5, D, dtype=torch.float64), torch.zeros(5, D, dtype=torch.float64))
-    assert_close("identity rotary", plain, layer(x, rotary_emb=identity))
+    assert_close("identity rotary", plain, layer(x, rotary_emb=identity), TOL)
     rotated = layer(x, rotary_emb=rotary(5))
     assert (rotated - plain).abs().max() > 1e-3
     # [B, T, D] rotary: batch b gets its own positions
     cos, sin = rotary(5, B=2)
     per_batch = layer(x, rotary_emb=(cos, sin))
-    assert_close("batch 0", rotated[:1], per_batch[:1])
-    assert_close("batch 1", layer(x[1:], rotary_emb=(cos[1], sin[1])), per_batch[1:])
+    assert_close("batch 0", rotated[:1], per_batch[:1], TOL)
+    assert_close("batch 1", layer(x[1:], rotary_emb=(cos[1], sin[1])), per_batch[1:], TOL)
 
 
 def test_apply_rotary():

@@ -100,13 +100,13 @@ def test_layer_vs_naive(feature_map, causal, widths, shared, normalize, qk_norm)
 def test_matches_definition(shared):
     """A = S_1 * S_2 from the layer's own (query map, key map) pairs; shared factors give A = S^2."""
     layer = make_layer(widths=(4, 4), shared_factors=shared, causal=True)
-    assert len(layer.q_maps) == len(layer.k_maps) == (1 if shared else 2)
+    assert len(layer.maps.q_maps) == len(layer.maps.k_maps) == (1 if shared else 2)
     B, T = 2, 6
     x = torch.randn(B, T, DIM, dtype=torch.float64)
     q = layer.q_norm(layer.q_proj(x).view(B, T, H, D))
     k = layer.k_norm(layer.k_proj(x).view(B, T, H, D))
     v = layer.v_proj(x).view(B, T, H, D)
-    sims = [torch.einsum("bihr,bjhr->bhij", qm(q), km(k)) for qm, km in zip(layer.q_maps, layer.k_maps)]
+    sims = [torch.einsum("bihr,bjhr->bhij", qm(q), km(k)) for qm, km in zip(layer.maps.q_maps, layer.maps.k_maps)]
     A = sims[0] ** 2 if shared else sims[0] * sims[1]  # [B, H, T, T]
     A = A.tril()
     o = torch.einsum("bhij,bjhd->bihd", A, v) / (A.sum(-1).transpose(1, 2)[..., None] + layer.config.eps)
@@ -203,7 +203,7 @@ def test_apply_rotary():
 def test_explicit_head_dim():
     layer = make_layer(num_heads=3, head_dim=5, feature_map="mlp", widths=[3, 2])
     assert layer.config.widths == (3, 2)
-    assert [m.width for m in layer.q_maps] == [m.width for m in layer.k_maps] == [3, 2]
+    assert [m.width for m in layer.maps.q_maps] == [m.width for m in layer.maps.k_maps] == [3, 2]
     assert layer.q_proj.out_features == 15 and layer.o_proj.in_features == 15
     out, (S, z) = layer(torch.randn(2, 4, DIM, dtype=torch.float64), output_state=True)
     assert out.shape == (2, 4, DIM) and S.shape == (2, 3, 6, 5) and z.shape == (2, 3, 6)

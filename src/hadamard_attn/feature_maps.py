@@ -163,3 +163,61 @@ def make_feature_map(name: str, num_heads: int, head_dim: int, width: int) -> Fe
     if name not in FEATURE_MAPS:
         raise ValueError(f"feature map: must be one of {tuple(FEATURE_MAPS)}, got {name!r}")
     return FEATURE_MAPS[name](num_heads, head_dim, width)
+
+
+def check_factor_maps(
+    feature_map: str, head_dim: int, widths: tuple[int, ...], shared_factors: bool, normalize: bool
+) -> None:
+    """Raise a ValueError naming the field when these factor maps cannot be built or would be unsound."""
+    if not widths:
+        raise ValueError("widths: needs at least one factor width, got ()")
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map: must be one of {tuple(FEATURE_MAPS)}, got {feature_map!r}")
+    for f, width in enumerate(widths):
+        error = FEATURE_MAPS[feature_map].width_error(head_dim, width)
+        if error is not None:
+            raise ValueError(f"widths[{f}]: with feature_map={feature_map!r} the width {error}")
+    if shared_factors and len(set(widths)) > 1:
+        raise ValueError(f"shared_factors: needs equal widths, got widths={widths}")
+    if FEATURE_MAPS[feature_map].signed and len(widths) % 2 and normalize:
+        raise ValueError(
+            f"feature_map={feature_map!r} is signed: with an odd number of factors P = len(widths) = "
+            f"{len(widths)} and normalize=True the denominator can cross zero (spec §3); "
+            "use an even P, normalize=False or a non-negative map"
+        )
+
+
+class FactorMaps(nn.Module):
+    """The feature maps of one attention layer: for each factor f a query map and a key map.
+
+    With ``shared_factors`` one (query map, key map) pair serves every factor, so ``A = S^P``.
+
+    Args:
+        num_heads, head_dim: the q/k heads the maps read.
+        widths: ``(R_1, ..., R_P)``, one width per factor.
+        feature_map: a name in :data:`FEATURE_MAPS`.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        widths: tuple[int, ...],
+        feature_map: str = "hedgehog",
+        shared_factors: bool = False,
+    ) -> None:
+        super().__init__()
+        check_factor_maps(feature_map, head_dim, tuple(widths), shared_factors, normalize=False)
+        self.num_factors = len(widths)
+        distinct = widths[:1] if shared_factors else widths
+        self.q_maps = nn.ModuleList(make_feature_map(feature_map, num_heads, head_dim, w) for w in distinct)
+        self.k_maps = nn.ModuleList(make_feature_map(feature_map, num_heads, head_dim, w) for w in distinct)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``q, k [..., H, D]`` -> P query and P key features ``[..., H, R_f]`` in ``q``'s dtype."""
+        # .to(q.dtype): under CUDA autocast the softmax of the learnable maps runs in fp32
+        qs = [m(q).to(q.dtype) for m in self.q_maps]
+        ks = [m(k).to(q.dtype) for m in self.k_maps]
+        if len(qs) < self.num_factors:  # shared factors
+            qs, ks = qs * self.num_factors, ks * self.num_factors
+        return qs, ks

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .feature_maps import FEATURE_MAPS, make_feature_map
+from .feature_maps import FactorMaps, check_factor_maps
 from .ops import BACKENDS, hadamard_attn
 
 State = tuple[torch.Tensor, torch.Tensor]
@@ -60,22 +60,7 @@ class HLAConfig:
         if self.head_dim < 1:
             raise ValueError(f"head_dim: must be >= 1, got {self.head_dim}")
         self.widths = tuple(self.widths)
-        if not self.widths:
-            raise ValueError("widths: needs at least one factor width, got ()")
-        if self.feature_map not in FEATURE_MAPS:
-            raise ValueError(f"feature_map: must be one of {tuple(FEATURE_MAPS)}, got {self.feature_map!r}")
-        for f, width in enumerate(self.widths):
-            error = FEATURE_MAPS[self.feature_map].width_error(self.head_dim, width)
-            if error is not None:
-                raise ValueError(f"widths[{f}]: with feature_map={self.feature_map!r} the width {error}")
-        if self.shared_factors and len(set(self.widths)) > 1:
-            raise ValueError(f"shared_factors: needs equal widths, got widths={self.widths}")
-        if FEATURE_MAPS[self.feature_map].signed and len(self.widths) % 2 and self.normalize:
-            raise ValueError(
-                f"feature_map={self.feature_map!r} is signed: with an odd number of factors P = len(widths) = "
-                f"{len(self.widths)} and normalize=True the denominator can cross zero (spec §3); "
-                "use an even P, normalize=False or a non-negative map"
-            )
+        check_factor_maps(self.feature_map, self.head_dim, self.widths, self.shared_factors, self.normalize)
         if self.eps < 0:
             raise ValueError(f"eps: must be >= 0, got {self.eps}")
         if self.backend not in BACKENDS:
@@ -117,10 +102,7 @@ class HadamardAttention(nn.Module):
         self.o_proj = nn.Linear(H * D, config.dim, bias=config.bias)
         self.q_norm = nn.RMSNorm(D) if config.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(D) if config.qk_norm else nn.Identity()
-        # one (query map, key map) pair per factor, or a single pair for all factors when shared
-        widths = config.widths[:1] if config.shared_factors else config.widths
-        self.q_maps = nn.ModuleList(make_feature_map(config.feature_map, H, D, w) for w in widths)
-        self.k_maps = nn.ModuleList(make_feature_map(config.feature_map, H, D, w) for w in widths)
+        self.maps = FactorMaps(H, D, config.widths, config.feature_map, config.shared_factors)
 
     def forward(
         self,
@@ -150,12 +132,7 @@ class HadamardAttention(nn.Module):
         v = self.v_proj(x).view(B, T, H, D)  # [B, T, H, D]
         if rotary_emb is not None:
             q, k = apply_rotary(q, *rotary_emb), apply_rotary(k, *rotary_emb)
-        P = len(self.config.widths)
-        # .to(v.dtype): CUDA autocast runs the softmax of the learnable maps in fp32
-        qs = [m(q).to(v.dtype) for m in self.q_maps]  # P (or 1 if shared) x [B, T, H, R_f]
-        ks = [m(k).to(v.dtype) for m in self.k_maps]  # P (or 1 if shared) x [B, T, H, R_f]
-        if self.config.shared_factors:
-            qs, ks = qs * P, ks * P
+        qs, ks = self.maps(q, k)  # P x [B, T, H, R_f]
         o, final_state = hadamard_attn(
             qs,
             ks,

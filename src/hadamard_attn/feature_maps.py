@@ -193,9 +193,11 @@ class FactorMaps(nn.Module):
     With ``shared_factors`` one (query map, key map) pair serves every factor, so ``A = S^P``.
 
     Args:
-        num_heads, head_dim: the q/k heads the maps read.
+        num_heads, head_dim: the query heads the maps read.
         widths: ``(R_1, ..., R_P)``, one width per factor.
         feature_map: a name in :data:`FEATURE_MAPS`.
+        num_kv_heads: the key heads, for grouped-query attention (default ``num_heads``); the caller repeats
+            the key features to the query heads.
     """
 
     def __init__(
@@ -205,16 +207,19 @@ class FactorMaps(nn.Module):
         widths: tuple[int, ...],
         feature_map: str = "hedgehog",
         shared_factors: bool = False,
+        num_kv_heads: int | None = None,
     ) -> None:
         super().__init__()
         check_factor_maps(feature_map, head_dim, tuple(widths), shared_factors, normalize=False)
         self.num_factors = len(widths)
         distinct = widths[:1] if shared_factors else widths
+        kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         self.q_maps = nn.ModuleList(make_feature_map(feature_map, num_heads, head_dim, w) for w in distinct)
-        self.k_maps = nn.ModuleList(make_feature_map(feature_map, num_heads, head_dim, w) for w in distinct)
+        self.k_maps = nn.ModuleList(make_feature_map(feature_map, kv_heads, head_dim, w) for w in distinct)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """``q, k [..., H, D]`` -> P query and P key features ``[..., H, R_f]`` in ``q``'s dtype."""
+        """``q [..., H, D]``, ``k [..., H_kv, D]`` -> P query features ``[..., H, R_f]`` and P key features
+        ``[..., H_kv, R_f]``, in ``q``'s dtype."""
         # .to(q.dtype): under CUDA autocast the softmax of the learnable maps runs in fp32
         qs = [m(q).to(q.dtype) for m in self.q_maps]
         ks = [m(k).to(q.dtype) for m in self.k_maps]

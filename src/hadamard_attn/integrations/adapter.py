@@ -1,0 +1,141 @@
+"""The adapter: the module that owns every parameter HLA adds to a pretrained model, saved with safetensors.
+
+``apply_hla`` of an integration (diffusers, transformers) builds one :class:`FactorMaps` per converted attention
+layer and keeps them in an :class:`HLAAdapter`; the model's own weights are never modified. One file,
+``hla_adapter.safetensors``, holds the weights and, in its metadata, everything needed to rebuild the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..feature_maps import FactorMaps, check_factor_maps
+from ..ops import BACKENDS
+
+ADAPTER_FILE = "hla_adapter.safetensors"
+FORMAT = "hadamard-attn-adapter/1"
+
+
+@dataclass
+class AdapterConfig:
+    """How the converted attention layers compute HLA (the model fixes heads, head dim and causality).
+
+    Args:
+        widths: one feature width R_f per factor, e.g. ``(32, 32)`` or ``(64, 4)``.
+        feature_map: a name in :data:`hadamard_attn.FEATURE_MAPS`; ``"hedgehog"`` (learnable) by default.
+        shared_factors: one (query map, key map) pair for every factor, so ``A = S^P``.
+        normalize, eps, backend: passed to :func:`hadamard_attn.hadamard_attn`.
+    """
+
+    widths: tuple[int, ...] = (32, 32)
+    feature_map: str = "hedgehog"
+    shared_factors: bool = False
+    normalize: bool = True
+    eps: float = 1e-6
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.widths = tuple(self.widths)
+        if self.eps < 0:
+            raise ValueError(f"eps: must be >= 0, got {self.eps}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: must be one of {BACKENDS}, got {self.backend!r}")
+
+    def check(self, head_dim: int) -> None:
+        """Validate the maps against the model's head dim (errors name the field)."""
+        check_factor_maps(self.feature_map, head_dim, self.widths, self.shared_factors, self.normalize)
+
+
+class HLAAdapter(nn.Module):
+    """Every new parameter of an HLA-converted model: ``maps[str(layer)]`` is that layer's :class:`FactorMaps`.
+
+    Args:
+        config: the :class:`AdapterConfig`.
+        layers: indices of the converted attention layers (the others keep softmax).
+        num_heads, head_dim: query heads of each layer; ``num_kv_heads`` key heads (grouped-query attention).
+        model_type: which integration built it (``"wan"``, ``"llama"``, ...); checked on load.
+    """
+
+    def __init__(
+        self,
+        config: AdapterConfig,
+        layers: list[int],
+        num_heads: int,
+        head_dim: int,
+        model_type: str,
+        num_kv_heads: int | None = None,
+    ) -> None:
+        super().__init__()
+        config.check(head_dim)
+        self.config = config
+        self.layers = sorted(layers)
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        self.model_type = model_type
+        self.maps = nn.ModuleDict(
+            {
+                str(i): FactorMaps(
+                    num_heads, head_dim, config.widths, config.feature_map, config.shared_factors, self.num_kv_heads
+                )
+                for i in self.layers
+            }
+        )
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT,
+            "model_type": self.model_type,
+            "layers": json.dumps(self.layers),
+            "num_heads": str(self.num_heads),
+            "num_kv_heads": str(self.num_kv_heads),
+            "head_dim": str(self.head_dim),
+            "config": json.dumps(asdict(self.config)),
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``directory/hla_adapter.safetensors`` atomically (a temporary file, then a rename)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / ADAPTER_FILE
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".hla_adapter.", suffix=".tmp")
+        os.close(fd)
+        try:
+            tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
+            save_file(tensors, tmp, metadata=self.metadata())
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return target
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, model_type: str | None = None) -> HLAAdapter:
+        """Rebuild the adapter saved in ``directory`` and load its weights (strict)."""
+        path = Path(directory) / ADAPTER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"directory: no {ADAPTER_FILE} in {directory}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: not an HLA adapter (format {meta.get('format')!r}, expected {FORMAT!r})")
+        if model_type is not None and meta["model_type"] != model_type:
+            raise ValueError(f"{path}: adapter for model type {meta['model_type']!r}, not {model_type!r}")
+        config = AdapterConfig(**json.loads(meta["config"]))
+        adapter = cls(
+            config,
+            json.loads(meta["layers"]),
+            int(meta["num_heads"]),
+            int(meta["head_dim"]),
+            meta["model_type"],
+            int(meta["num_kv_heads"]),
+        )
+        adapter.load_state_dict(load_file(str(path)))
+        return adapter

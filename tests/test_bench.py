@@ -113,3 +113,14 @@ def test_make_config_preset_then_overrides():
     assert cfg.widths == ((16, 16),) and cfg.lengths[-1] == 16384 and cfg.heads == 4 and cfg.repeats == 1
     assert bench.make_config(None).resolved_lengths() == BenchConfig().resolved_lengths()
     assert math.prod(AttnPath((64, 4)).widths) == AttnPath((64, 4)).M == 256
+
+
+@pytest.mark.parametrize(("err", "expected"), [(1e-7, "ok"), (1.0, "refused: rel. error"), (math.nan, "refused")])
+def test_verdict(err, expected, monkeypatch):
+    monkeypatch.setattr(bench, "check_path", lambda path, causal, cfg: err)
+    assert bench.verdict(AttnPath(), False, BenchConfig()).startswith(expected)
+
+
+def test_verdict_refuses_a_path_that_raises():
+    cfg = BenchConfig(dv=8, widths=((4,),), backend="bogus")
+    assert bench.verdict(AttnPath((4,)), False, cfg).startswith("refused: ValueError: backend")

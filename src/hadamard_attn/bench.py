@@ -289,32 +289,33 @@ def check_path(path: AttnPath, causal: bool, cfg: BenchConfig) -> float:
     return max(rel_rms(a, b) for a, b in zip((o, *grads), (ref, *grads_ref)))
 
 
+def verdict(path: AttnPath, causal: bool, cfg: BenchConfig) -> str:
+    """``"ok (rel. error ...)"``, or ``"refused: ..."`` for a path that is wrong or cannot run these inputs."""
+    try:
+        err = check_path(path, causal, cfg)
+    except Exception as e:
+        return f"refused: {type(e).__name__}: {e}"
+    tol = TOLERANCE[DTYPES[cfg.dtype]]
+    if not err <= tol:  # also refuses NaN
+        return f"refused: rel. error {err:.1e} > {tol:.0e}"
+    return f"ok (rel. error {err:.1e})"
+
+
 def run(cfg: BenchConfig) -> tuple[list[Row], dict[tuple[str, bool], str]]:
     """Check every path, then measure each (length, path, causal, mode).
 
     Returns:
-        the rows, and the check's verdict per (path name, causal): ``"ok (err 3e-07)"`` or why it was refused.
+        the rows, and the check's verdict per (path name, causal): ``"ok (rel. error 3.0e-07)"`` or
+        ``"refused: <why>"``.
     """
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend: must be one of {BACKENDS}, got {cfg.backend!r}")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
     paths, lengths = cfg.paths(), cfg.resolved_lengths()
-    checks, refused = {}, {}
+    checks = {}
     for path in tqdm(paths, desc="checking against float64", leave=False):
         for causal in cfg.causal:
-            try:
-                err = check_path(path, causal, cfg)
-            except Exception as e:  # a path that cannot run these inputs is refused like a wrong one
-                refused[path.name, causal] = f"refused: {type(e).__name__}: {e}"
-                checks[path.name, causal] = refused[path.name, causal]
-                continue
-            if err > TOLERANCE[dtype] or not math.isfinite(err):
-                refused[path.name, causal] = f"refused: rel. error {err:.1e} > {TOLERANCE[dtype]:.0e}"
-                checks[path.name, causal] = refused[path.name, causal]
-            else:
-                checks[path.name, causal] = f"ok (rel. error {err:.1e})"
+            checks[path.name, causal] = verdict(path, causal, cfg)
 
     cases = [(T, p, c, m) for T in lengths for p in paths for c in cfg.causal for m in cfg.modes]
     rows = []
@@ -322,8 +323,8 @@ def run(cfg: BenchConfig) -> tuple[list[Row], dict[tuple[str, bool], str]]:
     for T, path, causal, mode in tqdm(cases, desc="hla bench"):
         row = Row(path, causal, mode, T, flop=path.flop(cfg.batch, T, cfg.heads, cfg.dv, causal, mode))
         rows.append(row)
-        if (path.name, causal) in refused:
-            row.status = refused[path.name, causal]
+        if checks[path.name, causal].startswith("refused"):
+            row.status = checks[path.name, causal]
             continue
         if path.widths is None and mode == "fwdbwd" and cfg.sdpa_fwdbwd_max is not None and T > cfg.sdpa_fwdbwd_max:
             row.status = f"skipped: N > --sdpa-fwdbwd-max {cfg.sdpa_fwdbwd_max}"

@@ -248,6 +248,19 @@ def test_cfg_batch():
     assert (cond - uncond).abs().max() > 1e-3
 
 
+def test_fused_projections():
+    """``fuse_qkv_projections`` (one ``to_qkv`` matmul) gives the same HLA outputs."""
+    model = make_model(torch.float64)
+    inputs = make_inputs(dtype=torch.float64)
+    perturb(apply_hla(model, [0, 2], CONFIG).double())
+    with torch.no_grad():
+        ref = run(model, *inputs)
+        model.fuse_qkv_projections()
+        assert model.blocks[0].attn1.fused_projections
+        out = run(model, *inputs)
+    assert_close("fused", ref, out, 1e-6)
+
+
 @pytest.mark.parametrize(
     "layers, error, match",
     [

@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 # installed before the project, so that pip keeps it rather than pulling a CUDA build
 TORCH ?= torch==2.13.0
+# the integration tests need diffusers and transformers; without them they are skipped
+EXTRAS ?= dev,diffusers,transformers
 PYTEST_ARGS ?= -n 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -12,7 +14,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install '$(TORCH)'
-	$(BIN)/pip install -e '.[dev]' '$(TORCH)'
+	$(BIN)/pip install -e '.[$(EXTRAS)]' '$(TORCH)'
 	touch $@
 
 lint: $(STAMP)

@@ -1,13 +1,16 @@
 """HLA in transformers causal LMs: cache decoding, generate, hybrid layers, padding, gradients, save/load/remove.
 
-Tiny random float64 models of three families (Llama with grouped-query attention, Qwen2 with biased projections,
-Qwen3 with q/k norms), so that a leak of one padded token or a wrong state shows far above rounding.
+Tiny random float64 models of four families (all with grouped-query attention; Mistral with a sliding-window mask,
+Qwen2 with biased projections, Qwen3 with q/k norms), so that a leak of one padded token or a wrong state shows far
+above rounding.
 """
 
 from __future__ import annotations
 
 import importlib
+import runpy
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,8 @@ from transformers import (  # noqa: E402
     DynamicCache,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -54,6 +59,7 @@ COMMON = dict(
 )
 FAMILIES = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, head_dim=8)),  # sliding-window mask
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON)),  # q/k/v biases
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=8)),  # q/k RMSNorm
 }
@@ -396,3 +402,13 @@ def test_import_error_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "hadamard_attn.integrations.transformers")
     with pytest.raises(ImportError, match=r"pip install hadamard-attn\[transformers\]"):
         importlib.import_module("hadamard_attn.integrations.transformers")
+
+
+def test_example(monkeypatch, capsys):
+    """examples/lm_hla.py runs (tiny model, 3 steps): reload gives the same tokens, remove the same logits."""
+    example = Path(__file__).parents[2] / "examples" / "lm_hla.py"
+    monkeypatch.setattr(sys, "argv", [str(example), "--steps", "3", "--length", "16"])
+    runpy.run_path(str(example), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "reloaded model generates the same tokens: True" in out
+    assert "restores the original logits bit for bit: True" in out

@@ -12,7 +12,8 @@ name ``past_key_values=``) work unchanged.
 
 Padding: the attention mask the model builds is honoured; padded tokens add nothing to the state (their key
 features and values are zeroed), so a left-padded batch gives, at its real tokens, the logits of each sequence run
-alone (with the position ids ``generate`` derives from the mask).
+alone (with the position ids ``generate`` derives from the mask). Sequences packed into one row without a mask
+(position ids restarting at 0) are not separated: the HLA layers see one sequence.
 """
 
 from __future__ import annotations

@@ -354,8 +354,12 @@ def test_errors(tmp_path):
     apply_hla(model, [1], SMALL)
     with pytest.raises(RuntimeError, match=r"layers \[1\] already use HLA"):
         apply_hla(model, [0], SMALL)
-    with pytest.raises(TypeError, match="needs a DynamicCache"):
+    with pytest.raises(TypeError, match="needs a DynamicCache.*got a StaticLayer"):
         model(tokens(1, 4), cache=StaticCache(config=model.config, max_cache_len=16), use_cache=True)
+    with torch.no_grad():
+        softmax_cache = make_model("llama")(tokens(1, 4), use_cache=True).cache  # filled by softmax attention
+    with pytest.raises(TypeError, match="got a DynamicLayer that already holds keys and values"):
+        model(tokens(1, 1), cache=softmax_cache, use_cache=True)
     with pytest.raises(ValueError, match="supports transformers causal LMs"):
         apply_hla(torch.nn.Linear(2, 2))
 

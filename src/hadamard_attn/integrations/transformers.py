@@ -203,10 +203,10 @@ class HLAAttention(nn.Module):
         if isinstance(layer, DynamicLayer) and layer.get_seq_length() == 0:
             layers[i] = HLACacheLayer()
             return layers[i]
+        held = " that already holds keys and values" if isinstance(layer, DynamicLayer) else ""
         raise TypeError(
-            f"cache: layer {i} is HLA and keeps a fixed-size state, which needs a DynamicCache (an empty "
-            f"DynamicLayer or an HLACacheLayer in its place), got {type(layer).__name__} "
-            f"holding {layer.get_seq_length()} tokens"
+            f"cache: layer {i} is HLA; its fixed-size state needs a DynamicCache, with an empty DynamicLayer or an "
+            f"HLACacheLayer at index {i}, got a {type(layer).__name__}{held}"
         )
 
     def forward(

@@ -25,14 +25,15 @@ import triton
 import triton.language as tl
 
 from .utils import (
+    add_factor_grad,
     block_heuristics,
     dot_config,
     dot_dtype,
     empty,
     interpreting,
-    kr_index,
     kr_tile,
-    kr_tile_backward,
+    kr_tile_grads,
+    kr_tile_t,
     seq_bounds,
     seq_of,
     sequences,
@@ -106,49 +107,54 @@ def state_kernel(
 ):
     """``S[n, h] += phi(x)^T v``, ``z[n, h] += phi(x)^T w`` over one split of the flat tokens (fp32 atomics).
 
-    ``W_MODE``: 0 no z, 1 ``w = 1``, 2 ``w`` loaded ``[TT, H]``. ``SCALE_V``: ``v`` is multiplied per token by
-    ``1 / (den + eps)`` (the backward's ``g``). Grid: (M tiles * Dv tiles, splits, H).
+    ``W_MODE``: 0 no z, 1 ``w = 1`` (through the tensor cores), 2 ``w`` loaded ``[TT, H]`` fp32.
+    ``SCALE_V``: ``v`` is multiplied per token by ``1 / (den + eps)`` (the backward's ``g``).
+    Grid: (M tiles * Dv tiles, splits, H).
     """
     i_mv, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_m, i_v = i_mv // tl.cdiv(DV, BV), i_mv % tl.cdiv(DV, BV)
+    M: tl.constexpr = R1 * R2 * R3
+    BMA: tl.constexpr = B1 * B2 * B3
     # tokens of this split: [c0, c1)
     chunk = tl.cdiv(tl.cdiv(TT, tl.num_programs(1)), BT) * BT
     c0 = i_s * chunk
     c1 = tl.minimum(c0 + chunk, TT)
     if c0 < c1:
         o_v = i_v * BV + tl.arange(0, BV)
-        m = kr_index(i_m, R1, R2, R3, B1, B2, B3, P)
-        mask_m = m < R1 * R2 * R3
+        o_m = i_m * BMA + tl.arange(0, BMA)
+        o_c = tl.arange(0, 16)
         for n in range(seq_of(seq_ids, c0, T_SEQ, IS_VARLEN), seq_of(seq_ids, c1 - 1, T_SEQ, IS_VARLEN) + 1):
             bos, eos = seq_bounds(cu_seqlens, n, T_SEQ, IS_VARLEN)
             t_end = tl.minimum(c1, eos)
-            acc = tl.zeros([BM, BV], dtype=tl.float32)
-            zacc = tl.zeros([BT, B1 * B2 * B3], dtype=tl.float32)
+            acc = tl.zeros([BMA, BV], dtype=tl.float32)
+            zacc = tl.zeros([BMA, 16], dtype=tl.float32)
+            wacc = tl.zeros([BMA, BT], dtype=tl.float32)
             for t0 in range(tl.maximum(c0, bos), t_end, BT):
                 o_t = t0 + tl.arange(0, BT)
                 mask_t = o_t < t_end
                 rows = o_t * H + i_h
-                phi, _, _, _, _, _, _, _ = kr_tile(x1, x2, x3, rows, mask_t, i_m, BT, R1, R2, R3, B1, B2, B3, P)
+                # [BMA, BT]
+                phi_t = kr_tile_t(x1, x2, x3, rows, mask_t, i_m, BT, R1, R2, R3, B1, B2, B3, P)
                 # [BT, BV]
                 b_v = tl.load(v + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0)
                 if SCALE_V:
-                    b_den = tl.load(den + rows, mask=mask_t, other=0)
-                    b_v = b_v.to(tl.float32) / (b_den + eps)[:, None]
-                # [BM, BT] @ [BT, BV]
-                acc += tl.dot(tl.trans(phi.to(DOT)), b_v.to(DOT), input_precision=PREC)
+                    inv = 1.0 / (tl.load(den + rows, mask=mask_t, other=0) + eps)
+                    b_v = b_v.to(tl.float32) * inv[:, None]
+                acc += tl.dot(phi_t.to(DOT), b_v.to(DOT), input_precision=PREC)
                 if W_MODE == 1:
-                    zacc += phi
+                    # z through the tensor cores: phi^T [1 0 ... 0]
+                    b_w = tl.broadcast_to(tl.where(o_c[None, :] == 0, 1.0, 0.0).to(DOT), (BT, 16))
+                    zacc += tl.dot(phi_t.to(DOT), b_w, input_precision=PREC)
                 if W_MODE == 2:
-                    zacc += phi * tl.load(w + rows, mask=mask_t, other=0)[:, None]
+                    wacc += phi_t * tl.load(w + rows, mask=mask_t, other=0)[None, :]
             base = (n * H + i_h).to(tl.int64)
-            tl.atomic_add(
-                S + base * (R1 * R2 * R3 * DV) + m[:, None] * DV + o_v[None, :],
-                acc,
-                mask=mask_m[:, None],
-                sem="relaxed",
-            )
-            if W_MODE > 0:
-                tl.atomic_add(z + base * (R1 * R2 * R3) + m, tl.sum(zacc, 0), mask=mask_m & (i_v == 0), sem="relaxed")
+            mask_m = o_m < M
+            p_s = S + base * (M * DV) + o_m[:, None] * DV + o_v[None, :]
+            tl.atomic_add(p_s, acc, mask=mask_m[:, None], sem="relaxed")
+            if W_MODE == 1:
+                tl.atomic_add(z + base * M + o_m, tl.sum(zacc, 1), mask=mask_m & (i_v == 0), sem="relaxed")
+            if W_MODE == 2:
+                tl.atomic_add(z + base * M + o_m, tl.sum(wacc, 1), mask=mask_m & (i_v == 0), sem="relaxed")
 
 
 @triton.autotune(
@@ -168,8 +174,7 @@ def readout_kernel(
     x1,
     x2,
     x3,
-    S,
-    z,
+    Sz,
     o,
     den,
     cu_seqlens,
@@ -197,29 +202,34 @@ def readout_kernel(
 ):
     """``o = phi(x) S / (phi(x) z + eps)`` for a block of tokens; stores ``den = phi(x) z`` too (fp32 ``[TT, H]``).
 
+    ``Sz [N, H, M, DV + 16]`` in ``DOT``: ``S``, then ``z`` split in two columns (high and low part), then zeros.
     Grid: (token blocks, Dv tiles, H).
     """
     i_t, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    M: tl.constexpr = R1 * R2 * R3
+    BMA: tl.constexpr = B1 * B2 * B3
     o_t = i_t * BT + tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
+    o_c = DV + tl.arange(0, 16)
     rows = o_t * H + i_h
     t_last = tl.minimum(i_t * BT + BT, TT) - 1
     for n in range(seq_of(seq_ids, i_t * BT, T_SEQ, IS_VARLEN), seq_of(seq_ids, t_last, T_SEQ, IS_VARLEN) + 1):
         bos, eos = seq_bounds(cu_seqlens, n, T_SEQ, IS_VARLEN)
         mask_t = (o_t >= bos) & (o_t < eos)
-        base = (n * H + i_h).to(tl.int64)
+        p_sz = Sz + (n * H + i_h).to(tl.int64) * (M * (DV + 16))
         acc = tl.zeros([BT, BV], dtype=tl.float32)
-        dacc = tl.zeros([BT, B1 * B2 * B3], dtype=tl.float32)
+        dacc = tl.zeros([BT, 16], dtype=tl.float32)
         for i_m in range(NM):
-            phi, m, _, _, _, _, _, _ = kr_tile(x1, x2, x3, rows, mask_t, i_m, BT, R1, R2, R3, B1, B2, B3, P)
-            mask_m = m < R1 * R2 * R3
-            # [BM, BV]
-            b_s = tl.load(
-                S + base * (R1 * R2 * R3 * DV) + m[:, None] * DV + o_v[None, :], mask=mask_m[:, None], other=0
-            )
-            acc += tl.dot(phi.to(DOT), b_s.to(DOT), input_precision=PREC)
+            phi, _, _, _, _, _, _ = kr_tile(x1, x2, x3, rows, mask_t, i_m, BT, R1, R2, R3, B1, B2, B3, P)
+            phi = phi.to(DOT)
+            o_m = i_m * BMA + tl.arange(0, BMA)
+            mask_m = o_m < M
+            # [BMA, BV]
+            b_s = tl.load(p_sz + o_m[:, None] * (DV + 16) + o_v[None, :], mask=mask_m[:, None], other=0)
+            acc += tl.dot(phi, b_s, input_precision=PREC)
             if NORMALIZE:
-                dacc += phi * tl.load(z + base * (R1 * R2 * R3) + m, mask=mask_m, other=0)[None, :]
+                b_z = tl.load(p_sz + o_m[:, None] * (DV + 16) + o_c[None, :], mask=mask_m[:, None], other=0)
+                dacc += tl.dot(phi, b_z, input_precision=PREC)
         if NORMALIZE:
             b_den = tl.sum(dacc, 1)  # [BT]
             acc = acc / (b_den + eps)[:, None]
@@ -275,10 +285,12 @@ def token_bwd_kernel(
 
     Queries (``QUERY``): ``G = do / (den + eps)``, ``w = -sum(do * o) / (den + eps)`` (``do``, 0 without
     ``NORMALIZE``), ``w`` stored ``[TT, H]`` for the state gradient. Keys: ``G = v``, ``w = 1``, and
-    ``dv = phi(x) S`` is stored too. ``S, z`` are the final state (queries) or its gradient (keys).
-    Grid: (token blocks, H).
+    ``dv = phi(x) S`` is stored too. ``S`` (in ``DOT``), ``z`` are the final state (queries) or its gradient
+    (keys). Grid: (token blocks, H).
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
+    M: tl.constexpr = R1 * R2 * R3
+    BMA: tl.constexpr = B1 * B2 * B3
     o_t = i_t * BT + tl.arange(0, BT)
     o_v = tl.arange(0, DV)
     rows = o_t * H + i_h
@@ -302,20 +314,42 @@ def token_bwd_kernel(
             b_w = tl.full([BT], 1.0, dtype=tl.float32)
             dv_acc = tl.zeros([BT, DV], dtype=tl.float32)
         b_g = b_g.to(DOT)
+        # gradients of the factors taken whole by every tile are summed over the tiles in registers
+        g1_acc = tl.zeros([BT, B1], dtype=tl.float32)
+        g2_acc = tl.zeros([BT, B2], dtype=tl.float32)
+        g3_acc = tl.zeros([BT, B3], dtype=tl.float32)
         for i_m in range(NM):
-            phi, m, a1, a2, a3, o1, o2, o3 = kr_tile(x1, x2, x3, rows, mask_t, i_m, BT, R1, R2, R3, B1, B2, B3, P)
-            mask_m = m < R1 * R2 * R3
-            # [BM, DV]
-            b_s = tl.load(
-                S + base * (R1 * R2 * R3 * DV) + m[:, None] * DV + o_v[None, :], mask=mask_m[:, None], other=0
-            )
-            b_z = tl.load(z + base * (R1 * R2 * R3) + m, mask=mask_m, other=0)
-            b_s = b_s.to(DOT)
-            # [BT, DV] @ [DV, BM]
+            phi, a1, a2, a3, o1, o2, o3 = kr_tile(x1, x2, x3, rows, mask_t, i_m, BT, R1, R2, R3, B1, B2, B3, P)
+            o_m = i_m * BMA + tl.arange(0, BMA)
+            mask_m = o_m < M
+            # [BMA, DV]
+            b_s = tl.load(S + base * (M * DV) + o_m[:, None] * DV + o_v[None, :], mask=mask_m[:, None], other=0)
+            b_z = tl.load(z + base * M + o_m, mask=mask_m, other=0)
+            # [BT, DV] @ [DV, BMA]
             dphi = tl.dot(b_g, tl.trans(b_s), input_precision=PREC) + b_w[:, None] * b_z[None, :]
-            kr_tile_backward(dphi, a1, a2, a3, o1, o2, o3, dx1, dx2, dx3, rows, mask_t, BT, R1, R2, R3, B1, B2, B3, P)
+            g1, g2, g3 = kr_tile_grads(dphi, a1, a2, a3, BT, B1, B2, B3, P)
+            if B1 >= R1:
+                g1_acc += g1
+            else:
+                add_factor_grad(dx1, rows, mask_t, o1, g1, R1)
+            if P >= 2:
+                if B2 == R2:
+                    g2_acc += g2
+                else:
+                    add_factor_grad(dx2, rows, mask_t, o2, g2, R2)
+            if P == 3:
+                if B3 == R3:
+                    g3_acc += g3
+                else:
+                    add_factor_grad(dx3, rows, mask_t, o3, g3, R3)
             if not QUERY:
                 dv_acc += tl.dot(phi.to(DOT), b_s, input_precision=PREC)
+        if B1 >= R1:
+            add_factor_grad(dx1, rows, mask_t, tl.arange(0, B1), g1_acc, R1)
+        if P >= 2 and B2 == R2:
+            add_factor_grad(dx2, rows, mask_t, tl.arange(0, B2), g2_acc, R2)
+        if P == 3 and B3 == R3:
+            add_factor_grad(dx3, rows, mask_t, tl.arange(0, B3), g3_acc, R3)
         if not QUERY:
             tl.store(dv + rows[:, None] * DV + o_v[None, :], dv_acc.to(dv.dtype.element_ty), mask=mask_t[:, None])
 
@@ -324,11 +358,19 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def _with_z(S: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[S | z_hi | z_lo | 0]  [N, H, M, Dv + 16]`` in ``dtype``, ``z_hi + z_lo = z`` to about 16 bits."""
+    z_hi = z.to(dtype)
+    z_lo = (z - z_hi.float()).to(dtype)
+    pad = torch.zeros(*z.shape, 14, dtype=dtype, device=z.device)
+    return torch.cat([S.to(dtype), z_hi[..., None], z_lo[..., None], pad], dim=-1)
+
+
 def _build_state(x, v, S, z, seqs, w_mode, den=None, w=None, eps=0.0):
     """``S += phi(x)^T v``, ``z += phi(x)^T w`` in place (see ``state_kernel``)."""
     B, T, H, Dv = v.shape
     R1, R2, R3 = widths3(tuple(t.shape[-1] for t in x))
-    x1, x2, x3 = (x + (x[0],) * (3 - len(x)))[:3]
+    x1, x2, x3 = (tuple(x) + (x[0],) * (3 - len(x)))[:3]
     DOT, PREC = dot_config(v.dtype)
     TT = B * T
 
@@ -350,7 +392,7 @@ def _token_bwd(x, g, S, z, seqs, query, normalize, eps, o=None, den=None, w=None
     B, T, H, Dv = g.shape
     R1, R2, R3 = widths3(tuple(t.shape[-1] for t in x))
     dx = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in x]
-    x1, x2, x3 = (x + (x[0],) * (3 - len(x)))[:3]
+    x1, x2, x3 = (tuple(x) + (x[0],) * (3 - len(x)))[:3]
     d1, d2, d3 = (dx + [dx[0]] * (3 - len(dx)))[:3]
     DOT, PREC = dot_config(g.dtype)
     TT = B * T
@@ -363,67 +405,122 @@ def _token_bwd(x, g, S, z, seqs, query, normalize, eps, o=None, den=None, w=None
     return dx
 
 
-class ParallelHLATriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, P, normalize, eps, cu_seqlens, v, S0, z0, *factors):
-        q = tuple(_flat(x) for x in factors[:P])
-        k = tuple(_flat(x) for x in factors[P:])
-        v = _flat(v)
-        B, T, H, Dv = v.shape
-        M = math.prod(x.shape[-1] for x in q)
-        seqs = sequences(cu_seqlens, B, T, v.device)
-        N = seqs.N
-        if S0 is None:
-            S = torch.zeros(N, H, M, Dv, dtype=torch.float32, device=v.device)
-            z = torch.zeros(N, H, M, dtype=torch.float32, device=v.device)
-        else:
-            S, z = S0.float().clone().contiguous(), z0.float().clone().contiguous()
-        _build_state(k, v, S, z, seqs, w_mode=1)
-        o = empty(v.shape, v.dtype, v.device)
-        den = empty((B * T, H), torch.float32, v.device)
-        R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
-        x1, x2, x3 = (q + (q[0],) * (3 - P))[:3]
-        DOT, PREC = dot_config(v.dtype)
-        TT = B * T
-        readout_kernel[lambda meta: (triton.cdiv(TT, meta["BT"]), triton.cdiv(Dv, meta["BV"]), H)](
-            x1, x2, x3, S.to(dot_dtype(v.dtype)), z, o, den, seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
-            H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=P, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
-        )  # fmt: skip
-        ctx.save_for_backward(v, o, den, S, z, cu_seqlens, *q, *k)
-        ctx.cfg = (P, normalize, eps, S0 is not None)
-        return o, S, z
+@torch.library.custom_op("hadamard_attn::parallel_fwd", mutates_args=())
+def parallel_fwd(
+    q: list[torch.Tensor],
+    k: list[torch.Tensor],
+    v: torch.Tensor,
+    S0: torch.Tensor | None,
+    z0: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    normalize: bool,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward: ``(o [B, T, H, Dv], S [N, H, M, Dv], z [N, H, M], den [B * T, H])``; ``den`` is for the backward."""
+    q = tuple(_flat(x) for x in q)
+    k = tuple(_flat(x) for x in k)
+    v = _flat(v)
+    B, T, H, Dv = v.shape
+    M = math.prod(x.shape[-1] for x in q)
+    seqs = sequences(cu_seqlens, B, T, v.device)
+    if S0 is None:
+        S = torch.zeros(seqs.N, H, M, Dv, dtype=torch.float32, device=v.device)
+        z = torch.zeros(seqs.N, H, M, dtype=torch.float32, device=v.device)
+    else:
+        S, z = S0.float().clone().contiguous(), z0.float().clone().contiguous()
+    _build_state(k, v, S, z, seqs, w_mode=1)
+    o = empty(v.shape, v.dtype, v.device)
+    den = empty((B * T, H), torch.float32, v.device)
+    R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
+    x1, x2, x3 = (q + (q[0],) * (3 - len(q)))[:3]
+    DOT, PREC = dot_config(v.dtype)
+    TT = B * T
+    readout_kernel[lambda meta: (triton.cdiv(TT, meta["BT"]), triton.cdiv(Dv, meta["BV"]), H)](
+        x1, x2, x3, _with_z(S, z, dot_dtype(v.dtype)), o, den, seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
+        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
+    )  # fmt: skip
+    return o, S, z, den
 
-    @staticmethod
-    def backward(ctx, do, dS, dz):
-        P, normalize, eps, has_init = ctx.cfg
-        v, o, den, S, z, cu_seqlens, *factors = ctx.saved_tensors
-        q, k = tuple(factors[:P]), tuple(factors[P:])
-        B, T, H, Dv = v.shape
-        seqs = sequences(cu_seqlens, B, T, v.device)
-        do = _flat(do)
-        # queries: dq, and w = d(loss)/d(den)
-        w = empty((B * T, H), torch.float32, v.device)
-        dq = _token_bwd(q, do, S.to(dot_dtype(v.dtype)), z, seqs, True, normalize, eps, o=o, den=den, w=w)
-        # gradient of the state: upstream + phi(Q)^T [g | w]
-        dS_tot = torch.zeros_like(S) if dS is None else dS.float().clone().contiguous()
-        dz_tot = torch.zeros_like(z) if dz is None else dz.float().clone().contiguous()
-        _build_state(
-            q,
-            do,
-            dS_tot,
-            dz_tot,
-            seqs,
-            w_mode=2 if normalize else 0,
-            den=den if normalize else None,
-            w=w,
-            eps=eps,
-        )
-        # keys: dk and dv
-        dv = empty(v.shape, v.dtype, v.device)
-        dk = _token_bwd(k, v, dS_tot.to(dot_dtype(v.dtype)), dz_tot, seqs, False, normalize, eps, dv=dv)
-        dS0, dz0 = (dS_tot, dz_tot) if has_init else (None, None)
-        grads = [d.to(x.dtype) for d, x in zip(dq + dk, q + k)]
-        return (None, None, None, None, dv, dS0, dz0, *grads)
+
+@parallel_fwd.register_fake
+def _(q, k, v, S0, z0, cu_seqlens, normalize, eps):
+    B, T, H, Dv = v.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    M = math.prod(x.shape[-1] for x in q)
+    f32 = dict(dtype=torch.float32, device=v.device)
+    return (
+        torch.empty_like(v),
+        v.new_empty(N, H, M, Dv, **f32),
+        v.new_empty(N, H, M, **f32),
+        v.new_empty(B * T, H, **f32),
+    )
+
+
+@torch.library.custom_op("hadamard_attn::parallel_bwd", mutates_args=())
+def parallel_bwd(
+    q: list[torch.Tensor],
+    k: list[torch.Tensor],
+    v: torch.Tensor,
+    o: torch.Tensor,
+    den: torch.Tensor,
+    S: torch.Tensor,
+    z: torch.Tensor,
+    do: torch.Tensor,
+    dS: torch.Tensor,
+    dz: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    normalize: bool,
+    eps: float,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: ``(dq, dk, dv, dS0, dz0)`` given the saved forward and the gradients of ``o, S, z``."""
+    B, T, H, Dv = v.shape
+    seqs = sequences(cu_seqlens, B, T, v.device)
+    do = _flat(do)
+    # queries: dq, and w = d(loss)/d(den)
+    w = empty((B * T, H), torch.float32, v.device)
+    dq = _token_bwd(q, do, S.to(dot_dtype(v.dtype)), z, seqs, True, normalize, eps, o=o, den=den, w=w)
+    # gradient of the state: upstream + phi(Q)^T [g | w]
+    dS_tot, dz_tot = dS.float().clone().contiguous(), dz.float().clone().contiguous()
+    w_mode, scale = (2, den) if normalize else (0, None)
+    _build_state(q, do, dS_tot, dz_tot, seqs, w_mode=w_mode, den=scale, w=w, eps=eps)
+    # keys: dk and dv
+    dv = empty(v.shape, v.dtype, v.device)
+    dk = _token_bwd(k, v, dS_tot.to(dot_dtype(v.dtype)), dz_tot, seqs, False, normalize, eps, dv=dv)
+    return [d.to(x.dtype) for d, x in zip(dq, q)], [d.to(x.dtype) for d, x in zip(dk, k)], dv, dS_tot, dz_tot
+
+
+@parallel_bwd.register_fake
+def _(q, k, v, o, den, S, z, do, dS, dz, cu_seqlens, normalize, eps):
+    return (
+        [torch.empty_like(x) for x in q],
+        [torch.empty_like(x) for x in k],
+        torch.empty_like(v),
+        S.new_empty(S.shape),
+        z.new_empty(z.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, S0, z0, cu_seqlens, normalize, eps = inputs
+    o, S, z, den = output
+    ctx.save_for_backward(v, o, den, S, z, cu_seqlens, *q, *k)
+    ctx.cfg = (len(q), normalize, eps, S0 is not None)
+
+
+def _backward(ctx, do, dS, dz, dden):
+    P, normalize, eps, has_init = ctx.cfg
+    v, o, den, S, z, cu_seqlens, *factors = ctx.saved_tensors
+    dS = torch.zeros_like(S) if dS is None else dS
+    dz = torch.zeros_like(z) if dz is None else dz
+    dq, dk, dv, dS0, dz0 = parallel_bwd(
+        factors[:P], factors[P:], v, o, den, S, z, do, dS, dz, cu_seqlens, normalize, eps
+    )
+    if not has_init:
+        dS0 = dz0 = None
+    return dq, dk, dv, dS0, dz0, None, None, None
+
+
+parallel_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def parallel_hadamard_attn_triton(
@@ -440,7 +537,9 @@ def parallel_hadamard_attn_triton(
 
     ``q, k``: P <= 3 factors ``[B, T, H, R_f]``; ``v [B, T, H, Dv]``; state ``(S [N, H, M, Dv], z [N, H, M])``
     in fp32. Differentiable w.r.t. the factors, ``v`` and ``initial_state``, also through the final state.
+    Runs as the custom ops ``hadamard_attn::parallel_fwd`` / ``parallel_bwd`` (no graph break under
+    ``torch.compile``).
     """
     S0, z0 = (None, None) if initial_state is None else initial_state
-    o, S, z = ParallelHLATriton.apply(len(q), normalize, eps, cu_seqlens, v, S0, z0, *q, *k)
+    o, S, z, _ = parallel_fwd(list(q), list(k), v, S0, z0, cu_seqlens, normalize, eps)
     return o, ((S, z) if output_final_state else None)

@@ -2,8 +2,9 @@
 
 A tile of the implicit feature ``phi = x_1 (x) ... (x) x_P`` (row-major, factor 1 slowest) is the product of
 one block of each factor: ``B_1 x ... x B_P`` feature indices, ``BM = B_1 * ... * B_P``. Inner factors are
-taken whole where the tile allows (``B_f = R_f``), the outer ones in blocks. Only factor 1 may be padded
-(``B_1 > R_1``, masked), to give ``tl.dot`` the 16 rows it needs when ``M < 16``.
+taken whole where the tile allows (``B_f = R_f``), then one factor in blocks, the outer ones one index at a
+time: a tile is a contiguous range of features. Only factor 1 may be padded (``B_1 > R_1``, masked), to give
+``tl.dot`` the 16 rows it needs when ``M < 16``.
 """
 
 from __future__ import annotations
@@ -111,34 +112,14 @@ def seq_bounds(cu_seqlens, n, T_SEQ, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def factor_block(x, rows, mask_t, i_f, R: tl.constexpr, B: tl.constexpr):
+def factor_block(x, rows, mask_t, i_f, R: tl.constexpr, B: tl.constexpr, PAD: tl.constexpr):
     """Block ``i_f`` of one factor ``[TT, H, R]`` (``rows = t * H + h``): ``[BT, B]`` fp32 and its offsets."""
     o = i_f * B + tl.arange(0, B)
-    a = tl.load(x + rows[:, None] * R + o[None, :], mask=mask_t[:, None] & (o < R)[None, :], other=0)
+    mask = mask_t[:, None]
+    if PAD:
+        mask = mask & (o < R)[None, :]
+    a = tl.load(x + rows[:, None] * R + o[None, :], mask=mask, other=0)
     return a.to(tl.float32), o
-
-
-@triton.jit
-def kr_index(
-    i_m,
-    R1: tl.constexpr,
-    R2: tl.constexpr,
-    R3: tl.constexpr,
-    B1: tl.constexpr,
-    B2: tl.constexpr,
-    B3: tl.constexpr,
-    P: tl.constexpr,
-):
-    """Feature indices ``m [BM]`` of Khatri-Rao tile ``i_m`` (``>= M``: padding)."""
-    i3 = i_m % (R3 // B3)
-    i2 = (i_m // (R3 // B3)) % (R2 // B2)
-    i1 = i_m // ((R3 // B3) * (R2 // B2))
-    m = (i1 * B1 + tl.arange(0, B1)) * (R2 * R3)  # [B1]
-    if P >= 2:
-        m = tl.reshape(m[:, None] + (i2 * B2 + tl.arange(0, B2))[None, :] * R3, (B1 * B2,))
-    if P == 3:
-        m = tl.reshape(m[:, None] + (i3 * B3 + tl.arange(0, B3))[None, :], (B1 * B2 * B3,))
-    return m
 
 
 @triton.jit
@@ -158,41 +139,42 @@ def kr_tile(
     B3: tl.constexpr,
     P: tl.constexpr,
 ):
-    """Khatri-Rao tile ``i_m`` of the rows: ``phi [BT, BM]`` fp32, feature indices ``m [BM]`` (``>= M``: padding)
-    and the factor blocks ``a_f [BT, B_f]`` with their offsets (for the gradient)."""
+    """Khatri-Rao tile ``i_m`` of the rows, ``phi [BT, BM]`` fp32 (features ``i_m * BM + arange(BM)``, those
+    ``>= M`` padding), and the factor blocks ``a_f [BT, B_f]`` with their offsets (for the gradient)."""
     i3 = i_m % (R3 // B3)
     i2 = (i_m // (R3 // B3)) % (R2 // B2)
     i1 = i_m // ((R3 // B3) * (R2 // B2))
-    a1, o1 = factor_block(x1, rows, mask_t, i1, R1, B1)
+    a1, o1 = factor_block(x1, rows, mask_t, i1, R1, B1, B1 > R1)
     phi = a1  # [BT, B1]
-    m = o1 * (R2 * R3)  # [B1]
     a2, o2 = a1, o1
     a3, o3 = a1, o1
     if P >= 2:
-        a2, o2 = factor_block(x2, rows, mask_t, i2, R2, B2)
+        a2, o2 = factor_block(x2, rows, mask_t, i2, R2, B2, False)
         phi = tl.reshape(phi[:, :, None] * a2[:, None, :], (BT, B1 * B2))
-        m = tl.reshape(m[:, None] + o2[None, :] * R3, (B1 * B2,))
     if P == 3:
-        a3, o3 = factor_block(x3, rows, mask_t, i3, R3, B3)
+        a3, o3 = factor_block(x3, rows, mask_t, i3, R3, B3, False)
         phi = tl.reshape(phi[:, :, None] * a3[:, None, :], (BT, B1 * B2 * B3))
-        m = tl.reshape(m[:, None] + o3[None, :], (B1 * B2 * B3,))
-    return phi, m, a1, a2, a3, o1, o2, o3
+    return phi, a1, a2, a3, o1, o2, o3
 
 
 @triton.jit
-def kr_tile_backward(
-    dphi,
-    a1,
-    a2,
-    a3,
-    o1,
-    o2,
-    o3,
-    dx1,
-    dx2,
-    dx3,
+def factor_block_t(x, rows, mask_t, i_f, R: tl.constexpr, B: tl.constexpr, PAD: tl.constexpr):
+    """``factor_block`` transposed: ``[B, BT]`` fp32."""
+    o = i_f * B + tl.arange(0, B)
+    mask = mask_t[None, :]
+    if PAD:
+        mask = mask & (o < R)[:, None]
+    return tl.load(x + rows[None, :] * R + o[:, None], mask=mask, other=0).to(tl.float32)
+
+
+@triton.jit
+def kr_tile_t(
+    x1,
+    x2,
+    x3,
     rows,
     mask_t,
+    i_m,
     BT: tl.constexpr,
     R1: tl.constexpr,
     R2: tl.constexpr,
@@ -202,17 +184,41 @@ def kr_tile_backward(
     B3: tl.constexpr,
     P: tl.constexpr,
 ):
-    """Adds the gradient of a Khatri-Rao tile, ``dphi [BT, BM]``, to the fp32 factor gradients ``dx_f [TT, H, R_f]``."""
+    """``kr_tile`` transposed, formed as such (no transpose through shared memory): ``phi^T [BM, BT]`` fp32."""
+    i3 = i_m % (R3 // B3)
+    i2 = (i_m // (R3 // B3)) % (R2 // B2)
+    i1 = i_m // ((R3 // B3) * (R2 // B2))
+    phi = factor_block_t(x1, rows, mask_t, i1, R1, B1, B1 > R1)  # [B1, BT]
+    if P >= 2:
+        a2 = factor_block_t(x2, rows, mask_t, i2, R2, B2, False)
+        phi = tl.reshape(phi[:, None, :] * a2[None, :, :], (B1 * B2, BT))
+    if P == 3:
+        a3 = factor_block_t(x3, rows, mask_t, i3, R3, B3, False)
+        phi = tl.reshape(phi[:, None, :] * a3[None, :, :], (B1 * B2 * B3, BT))
+    return phi
+
+
+@triton.jit
+def kr_tile_grads(
+    dphi, a1, a2, a3, BT: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, P: tl.constexpr
+):
+    """Gradient of a Khatri-Rao tile w.r.t. its factor blocks, given ``dphi [BT, BM]``: ``g_f [BT, B_f]`` fp32
+    (``g_1`` in place of missing factors)."""
+    g2, g3 = a1, a1
     if P == 3:
         d = tl.reshape(dphi, (BT, B1 * B2, B3))
         a12 = tl.reshape(a1[:, :, None] * a2[:, None, :], (BT, B1 * B2))
         g3 = tl.sum(d * a12[:, :, None], 1)  # [BT, B3]
-        tl.atomic_add(dx3 + rows[:, None] * R3 + o3[None, :], g3, mask=mask_t[:, None], sem="relaxed")
         dphi = tl.sum(d * a3[:, None, :], 2)  # [BT, B1 * B2]
     if P >= 2:
         d = tl.reshape(dphi, (BT, B1, B2))
         g2 = tl.sum(d * a1[:, :, None], 1)  # [BT, B2]
-        tl.atomic_add(dx2 + rows[:, None] * R2 + o2[None, :], g2, mask=mask_t[:, None], sem="relaxed")
         dphi = tl.sum(d * a2[:, None, :], 2)  # [BT, B1]
-    mask = mask_t[:, None] & (o1 < R1)[None, :]
-    tl.atomic_add(dx1 + rows[:, None] * R1 + o1[None, :], dphi, mask=mask, sem="relaxed")
+    return dphi, g2, g3
+
+
+@triton.jit
+def add_factor_grad(dx, rows, mask_t, o, g, R: tl.constexpr):
+    """``dx[rows, o] += g`` (fp32 atomics; columns ``o >= R`` are padding)."""
+    mask = mask_t[:, None] & (o < R)[None, :]
+    tl.atomic_add(dx + rows[:, None] * R + o[None, :], g, mask=mask, sem="relaxed")

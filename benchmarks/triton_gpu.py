@@ -1,0 +1,273 @@
+"""GPU check and benchmark of the HLA Triton kernels (run on a CUDA machine).
+
+    PYTHONPATH=src python3 benchmarks/triton_gpu.py [--skip-check] [--ns 4096,32760] [--widths 32x32,64x4]
+
+1. correctness at real sizes: forward and every gradient against float64 (the quadratic reference up to a few
+   thousand tokens, the torch ``parallel`` path beyond), outputs poisoned with NaN; bf16 at T = 131072 finite;
+2. timings (``triton.testing.do_bench`` medians, B=1, H=12, Dv=128, non-causal): SDPA (flash, bf16), the torch
+   ``parallel`` path and the Triton kernels, forward and forward+backward, with peak memory.
+
+FLOPs counted for HLA (matmul work only, per head): forward ``4 N M Dv`` (state build ``2 N M Dv`` + read-out
+``2 N M Dv``), backward ``8 N M Dv`` (dq, dS, dk, dv: ``2 N M Dv`` each); SDPA forward ``4 N^2 D``, backward
+``2.5x`` that. TFLOP/s on these counts; % of the bf16 matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+import triton
+import triton.testing
+
+from hadamard_attn.ops import triton as hla_triton
+from hadamard_attn.ops.naive import naive_hadamard_attn
+from hadamard_attn.ops.parallel import parallel_hadamard_attn
+from hadamard_attn.ops.triton import parallel as tp
+
+DEV = "cuda"
+KERNELS = (tp.state_kernel, tp.readout_kernel, tp.token_bwd_kernel)
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make(B, T, H, widths, Dv, dtype, init=False, N=None, grad=True):
+    """Non-negative factors (each row sums to about 1), random values, optional initial state."""
+    q = [torch.rand(B, T, H, r, device=DEV).div(r / 2).to(dtype) for r in widths]
+    k = [torch.rand(B, T, H, r, device=DEV).div(r / 2).to(dtype) for r in widths]
+    v = torch.randn(B, T, H, Dv, device=DEV, dtype=dtype)
+    M = math.prod(widths)
+    st = None
+    if init:
+        N = N or B
+        st = (torch.rand(N, H, M, Dv, device=DEV) * 10, torch.rand(N, H, M, device=DEV) * 10)
+    leaves = [*q, *k, v] + (list(st) if st else [])
+    for x in leaves:
+        x.requires_grad_(grad)
+    return q, k, v, st, leaves
+
+
+def poisoned(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def check_one(widths, Dv, dtype, B, T, H, normalize=True, init=False, cu=None, ref="naive"):
+    P = len(widths)
+    cu_t = None if cu is None else torch.tensor(cu, device=DEV, dtype=torch.int32)
+    N = B if cu is None else len(cu) - 1
+    q, k, v, st, leaves = make(B, T, H, widths, Dv, dtype, init, N)
+    tp.empty, saved = poisoned, tp.empty
+    try:
+        o, s = hla_triton.triton_hadamard_attn(tuple(q), tuple(k), v, False, normalize, 1e-6, st, True, cu_t)
+    finally:
+        tp.empty = saved
+    d = [x.detach().double().requires_grad_(True) for x in leaves]
+    n = 2 * P + 1
+    args = (tuple(d[:P]), tuple(d[P : 2 * P]), d[2 * P])
+    init_d = (d[n], d[n + 1]) if init else None
+    if ref == "naive":
+        o2, s2 = naive_hadamard_attn(*args, False, normalize, 1e-6, init_d, True, cu_t)
+    else:
+        o2, s2 = parallel_hadamard_attn(*args, normalize, 1e-6, init_d, True)
+    go, gs, gz = torch.randn_like(o), torch.randn_like(s[0]), torch.randn_like(s[1])
+    g1 = torch.autograd.grad((o * go).sum() + (s[0] * gs).sum() + (s[1] * gz).sum(), leaves)
+    g2 = torch.autograd.grad((o2 * go.double()).sum() + (s2[0] * gs.double()).sum() + (s2[1] * gz.double()).sum(), d)
+    errs = [rel(o, o2), rel(s[0], s2[0]), rel(s[1], s2[1])] + [rel(a, b) for a, b in zip(g1, g2)]
+    finite = all(torch.isfinite(t).all().item() for t in (o, *s, *g1))
+    ok = finite and max(errs) < TOL[dtype] * 2
+    name = f"{'x'.join(map(str, widths))} Dv={Dv} {str(dtype)[6:]} B={B} T={T} H={H} norm={normalize} init={init}"
+    name += f" cu={cu}" if cu else ""
+    fwd = f"o/S/z {errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e}"
+    log(f"  {'ok ' if ok else 'BAD'} {name}: {fwd} grads max {max(errs[3:]):.1e}")
+    return ok
+
+
+def check(large: bool) -> bool:
+    """The test matrix at real sizes; each kernel with its default config (quick compiles)."""
+    full = {kern: kern.configs for kern in KERNELS}
+    for kern in KERNELS:
+        kern.configs = kern.configs[:1]
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    cases = [
+        ((32, 32), 128, bf16, 2, 1531, 3, True, True, None),
+        ((64, 4), 128, bf16, 1, 2048, 4, True, False, None),
+        ((4, 64), 64, fp16, 2, 999, 2, True, True, None),
+        ((16, 16, 16), 128, bf16, 1, 2000, 2, True, True, [0, 700, 701, 2000]),
+        ((64, 64), 256, bf16, 1, 1200, 2, True, False, None),
+        ((64,), 32, fp32, 2, 1001, 3, False, True, None),
+        ((8,), 64, fp16, 3, 777, 2, True, False, None),
+        ((8, 16, 4), 32, fp32, 1, 1500, 2, True, True, [0, 1, 1000, 1500]),
+        ((32, 32), 128, fp32, 2, 1, 2, True, True, None),
+        ((16, 16), 128, fp16, 1, 3000, 3, False, False, [0, 1200, 3000]),
+    ]
+    ok = True
+    log("check: Triton vs float64 reference (rel. RMS error; forward o/S/z, max over gradients)")
+    for c in cases:
+        ok &= check_one(*c)
+    if large:
+        ok &= check_one((32, 32), 128, torch.bfloat16, 1, 32760, 12, True, False, None, ref="parallel")
+        ok &= check_one((16, 16, 16), 128, torch.bfloat16, 1, 16384, 4, True, True, None, ref="parallel")
+        for widths in ((32, 32), (64, 64)):
+            q, k, v, _, leaves = make(1, 131072, 12, widths, 128, torch.bfloat16)
+            o, s = hla_triton.triton_hadamard_attn(tuple(q), tuple(k), v, False, True, 1e-6, None, True, None)
+            g = torch.autograd.grad(o, leaves, torch.randn_like(o))
+            finite = all(torch.isfinite(t).all().item() for t in (o, *s, *g))
+            log(
+                f"  {'ok ' if finite else 'BAD'} bf16 T=131072 H=12 {widths}: all outputs and gradients finite={finite}"
+            )
+            ok &= finite
+    for kern in KERNELS:
+        kern.configs, kern.cache = full[kern], {}
+    return ok
+
+
+def bench_ms(fn, rep=200) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def peak_mem(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def matmul_peak() -> float:
+    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    ms = bench_ms(lambda: a @ b)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def hla_fns(impl, q, k, v, leaves):
+    if impl == "triton":
+
+        def fwd():
+            return hla_triton.triton_hadamard_attn(tuple(q), tuple(k), v, False, True, 1e-6, None, False, None)[0]
+    else:
+
+        def fwd():
+            return parallel_hadamard_attn(tuple(q), tuple(k), v, True, 1e-6, None, False)[0]
+
+    do = torch.randn_like(v)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fwd(), leaves, do)
+
+    return fwd, fwd_bwd
+
+
+def bench_sdpa(N, H, Dv):
+    """SDPA (flash, bf16, non-causal): forward ms, forward+backward ms, peak MiB."""
+    q, k, v = (torch.randn(1, H, N, Dv, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+
+    def fwd():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fwd(), (q, k, v), do)
+
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        return bench_ms(fwd, rep=100), bench_ms(fwd_bwd, rep=100), peak_mem(fwd_bwd)
+
+
+def bench(ns, widths_list, peak, impls, rows):
+    H, Dv = 12, 128
+    for N in ns:
+        f, fb, mem = bench_sdpa(N, H, Dv)
+        flops = 4 * N * N * Dv * H
+        rows.append((N, "sdpa-flash", "-", f, fb, flops / f / 1e9, 3.5 * flops / fb / 1e9, mem))
+        log(fmt(rows[-1], peak))
+        sdpa_f = f
+        for widths in widths_list:
+            M = math.prod(widths)
+            q, k, v, _, leaves = make(1, N, H, widths, Dv, torch.bfloat16)
+            for impl in impls:
+                fwd, fwd_bwd = hla_fns(impl, q, k, v, leaves)
+                rep = 200 if impl == "triton" else 50
+                f, fb = bench_ms(fwd, rep), bench_ms(fwd_bwd, rep)
+                mem = peak_mem(fwd_bwd)
+                flops = 4 * N * M * Dv * H
+                rows.append((N, impl, "x".join(map(str, widths)), f, fb, flops / f / 1e9, 3 * flops / fb / 1e9, mem))
+                log(fmt(rows[-1], peak) + (f"  ({sdpa_f / f:.0f}x SDPA fwd)" if impl == "triton" else ""))
+            del q, k, v, leaves
+            torch.cuda.empty_cache()
+
+
+HEADER = (
+    f"{'N':>7} {'impl':>10} {'widths':>9} {'fwd ms':>9} {'f+b ms':>9} {'fwd TF/s':>9} {'%pk':>4} "
+    f"{'f+b TF/s':>9} {'%pk':>4} {'peak MiB':>9}"
+)
+
+
+def fmt(r, peak) -> str:
+    N, impl, w, f, fb, tf, tfb, mem = r
+    return (
+        f"{N:>7} {impl:>10} {w:>9} {f:>9.3f} {fb:>9.3f} {tf:>9.1f} {100 * tf / peak:>4.0f} "
+        f"{tfb:>9.1f} {100 * tfb / peak:>4.0f} {mem:>9.0f}"
+    )
+
+
+def record_tuning(log_lines):
+    """Log every autotuning measurement: (kernel, config, ms)."""
+    for kern in KERNELS:
+        bench_fn, name = kern._bench, kern.fn.fn.__name__
+
+        def logged(*args, config, _bench=bench_fn, _name=name, **meta):
+            t = _bench(*args, config=config, **meta)
+            log_lines.append(f"  tune {_name} {config}: {t[0]:.4f} ms")
+            log(log_lines[-1])
+            return t
+
+        kern._bench = logged
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--no-large", action="store_true")
+    p.add_argument("--ns", default="4096,16384,32760,75600,131072")
+    p.add_argument("--widths", default="16x16,32x32,64x4,64x64,16x16x16")
+    p.add_argument("--impls", default="parallel,triton")
+    a = p.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    log(f"device {props.name}, {props.multi_processor_count} SMs")
+    log(f"torch {torch.__version__}; triton {triton.__version__}; python {sys.version.split()[0]}")
+    log(f"date {time.strftime('%Y-%m-%d')}")
+    ok = True
+    if not a.skip_check:
+        t0 = time.time()
+        ok = check(not a.no_large)
+        log(f"check {'PASSED' if ok else 'FAILED'} in {time.time() - t0:.0f} s")
+    peak = matmul_peak()
+    log(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s (the peak used for %pk)")
+    rows, tuning = [], []
+    record_tuning(tuning)
+    log(HEADER)
+    widths = [tuple(int(r) for r in w.split("x")) for w in a.widths.split(",")]
+    t0 = time.time()
+    bench([int(n) for n in a.ns.split(",")], widths, peak, a.impls.split(","), rows)
+    log(f"bench took {time.time() - t0:.0f} s")
+    log("\nsummary (bf16, B=1, H=12, Dv=128, non-causal)")
+    log(HEADER)
+    for r in rows:
+        log(fmt(r, peak))
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""The Triton kernels against the float64 quadratic reference, forward and every gradient.
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set before the
+kernels are defined), on tiny shapes. Every output the kernels write is poisoned with NaN before each run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+INTERPRET = not torch.cuda.is_available()
+if INTERPRET:
+    # the kernels are defined (decorated) in interpreter mode only if the variable is set at import time
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    for _name in ("hadamard_attn.ops.triton", "hadamard_attn.ops.triton.parallel", "hadamard_attn.ops.triton.utils"):
+        sys.modules.pop(_name, None)
+    hla_triton = importlib.import_module("hadamard_attn.ops.triton")
+    if _saved is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
+else:
+    hla_triton = importlib.import_module("hadamard_attn.ops.triton")
+
+from hadamard_attn.ops import hadamard_attn  # noqa: E402
+from hadamard_attn.ops.naive import naive_hadamard_attn  # noqa: E402
+
+tp = importlib.import_module("hadamard_attn.ops.triton.parallel")
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+
+@pytest.fixture(autouse=True)
+def triton_env(monkeypatch):
+    """Interpreter on (CPU), and every kernel output allocated full of NaN."""
+    if INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(tp, "empty", poisoned)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative RMS error; NaN anywhere in ``a`` makes it NaN (and fails every comparison)."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make(B, T, H, widths, Dv, N, init, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = [torch.rand(B, T, H, r, generator=g) for r in widths]
+    k = [torch.rand(B, T, H, r, generator=g) for r in widths]
+    v = torch.randn(B, T, H, Dv, generator=g)
+    M = math.prod(widths)
+    st = (torch.rand(N, H, M, Dv, generator=g), torch.rand(N, H, M, generator=g)) if init else None
+    leaves = [*q, *k, v] + (list(st) if init else [])
+    return [x.to(DEVICE).requires_grad_(True) for x in leaves]
+
+
+def check(widths, Dv, B, T, H, normalize, init, cu_seqlens=None, tol=1e-5):
+    """Triton (fp32) vs naive (fp64): output, final state, and the gradients of all inputs through both."""
+    P = len(widths)
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=DEVICE)
+    leaves = make(B, T, H, widths, Dv, N, init)
+    ref = [x.detach().double().requires_grad_(True) for x in leaves]
+
+    def run(fn, xs):
+        st = (xs[2 * P + 1], xs[2 * P + 2]) if init else None
+        return fn(tuple(xs[:P]), tuple(xs[P : 2 * P]), xs[2 * P], False, normalize, 1e-6, st, True, cu)
+
+    o, (S, z) = run(hla_triton.triton_hadamard_attn, leaves)
+    o_ref, (S_ref, z_ref) = run(naive_hadamard_attn, ref)
+    assert o.dtype == torch.float32 and S.dtype == torch.float32 and z.dtype == torch.float32
+    assert rel(o, o_ref) < tol, "o"
+    assert rel(S, S_ref) < tol, "S"
+    assert rel(z, z_ref) < tol, "z"
+
+    g = torch.Generator().manual_seed(1)
+    do, dS, dz = (torch.randn(t.shape, generator=g).to(DEVICE) for t in (o, S, z))
+    loss = (o * do).sum() + (S * dS).sum() + (z * dz).sum()
+    loss_ref = (o_ref * do.double()).sum() + (S_ref * dS.double()).sum() + (z_ref * dz.double()).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    grads_ref = torch.autograd.grad(loss_ref, ref)
+    names = [f"q{f}" for f in range(P)] + [f"k{f}" for f in range(P)] + ["v"] + (["S0", "z0"] if init else [])
+    for name, a, b in zip(names, grads, grads_ref):
+        assert a.shape == b.shape and a.dtype == torch.float32, name
+        assert rel(a, b) < tol, f"d{name}: {rel(a, b):.2e}"
+
+
+@pytest.mark.parametrize(
+    "widths, Dv, B, T, H, normalize, init",
+    [
+        ((4, 8), 32, 2, 37, 2, True, True),  # several feature tiles and Dv tiles, two sequences
+        ((8,), 16, 1, 1, 1, False, False),  # T = 1; P = 1 padded to 16 features
+        ((4, 4, 2), 16, 1, 23, 2, True, False),  # P = 3, one tile
+        ((16, 4), 32, 3, 5, 1, False, True),  # unequal widths, B = 3, shorter than a block
+        ((2, 8, 4), 16, 1, 19, 2, True, True),  # P = 3, factor 2 in blocks, factor 1 one index per tile
+        ((32,), 16, 2, 17, 1, True, False),  # P = 1 in blocks
+        ((4, 64), 16, 1, 9, 1, True, False),  # a wide inner factor: tiles of one index of factor 1
+    ],
+)
+def test_parallel(widths, Dv, B, T, H, normalize, init):
+    check(widths, Dv, B, T, H, normalize, init)
+
+
+@pytest.mark.parametrize("normalize, init", [(True, True), (False, False)])
+def test_parallel_varlen(normalize, init):
+    # sequences of 1, 8 and 21 tokens; the first two share a block of tokens
+    check((4, 8), 16, 1, 30, 2, normalize, init, cu_seqlens=[0, 1, 9, 30])
+
+
+def test_parallel_varlen_p3():
+    check((2, 4, 2), 16, 1, 20, 1, True, True, cu_seqlens=[0, 13, 20])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_parallel_half(dtype):
+    """16-bit inputs: the output comes back in the input dtype, the state in fp32."""
+    leaves = make(2, 11, 2, (4, 4), 16, 2, False)
+    q, k, v = [x.detach().to(dtype) for x in leaves[:2]], [x.detach().to(dtype) for x in leaves[2:4]], leaves[4]
+    v = v.detach().to(dtype)
+    o, (S, z) = hla_triton.triton_hadamard_attn(tuple(q), tuple(k), v, False, True, 1e-6, None, True, None)
+    ref = naive_hadamard_attn(
+        tuple(x.double() for x in q), tuple(x.double() for x in k), v.double(), False, True, 1e-6, None, True
+    )
+    assert o.dtype == dtype and S.dtype == torch.float32 and z.dtype == torch.float32
+    assert rel(o, ref[0]) < 1e-2
+    assert rel(S, ref[1][0]) < 1e-5 and rel(z, ref[1][1]) < 1e-5
+
+
+def test_api_backend_triton():
+    """``hadamard_attn(..., backend="triton")`` runs the kernels and agrees with the naive path."""
+    leaves = make(1, 13, 2, (4, 4), 16, 1, False)
+    q, k, v = leaves[:2], leaves[2:4], leaves[4]
+    o, _ = hadamard_attn(q, k, v, backend="triton")
+    o_ref, _ = hadamard_attn([x.double() for x in q], [x.double() for x in k], v.double(), backend="naive")
+    assert rel(o, o_ref) < 1e-5
+
+
+def _inputs(widths=(4, 4), Dv=16, dtype=torch.float32, device=DEVICE):
+    q = tuple(torch.rand(1, 3, 1, r, dtype=dtype, device=device) for r in widths)
+    return q, q, torch.randn(1, 3, 1, Dv, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize(
+    "widths, Dv, dtype, causal, match",
+    [
+        ((4, 4), 16, torch.float32, True, "causal"),
+        ((4, 4), 16, torch.float64, False, "float64"),
+        ((2, 2, 2, 2), 16, torch.float32, False, "P <= 3"),
+        ((3, 4), 16, torch.float32, False, "powers of two"),
+        ((128,), 16, torch.float32, False, "powers of two up to 64"),
+        ((64, 64, 2), 16, torch.float32, False, "M = R_1"),
+        ((4, 4), 48, torch.float32, False, "Dv"),
+        ((4, 4), 8, torch.float32, False, "Dv"),
+    ],
+)
+def test_unsupported_reason(widths, Dv, dtype, causal, match):
+    q, k, v = _inputs(widths, Dv, dtype)
+    reason = hla_triton.unsupported_reason(q, k, v, causal)
+    assert reason is not None and match in reason
+    with pytest.raises(ValueError, match="backend='triton'"):
+        hadamard_attn(q, k, v, causal=causal, backend="triton")
+
+
+def test_unsupported_reason_device(monkeypatch):
+    q, k, v = _inputs(device="cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert hla_triton.unsupported_reason(q, k, v, False) is None
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "CUDA" in hla_triton.unsupported_reason(q, k, v, False)
+
+
+class TinyHLA(torch.nn.Module):
+    """A projection to two factors of non-negative features, HLA, an output projection."""
+
+    def __init__(self, d=16, r=4):
+        super().__init__()
+        self.qk = torch.nn.Linear(d, 4 * r)
+        self.v = torch.nn.Linear(d, d)
+        self.out = torch.nn.Linear(d, d)
+        self.r = r
+
+    def forward(self, x):  # [B, T, d]
+        B, T, _ = x.shape
+        f = torch.nn.functional.elu(self.qk(x)).add(1).view(B, T, 1, 4, self.r)  # [B, T, H, 4, r]
+        q, k = (f[..., 0, :], f[..., 1, :]), (f[..., 2, :], f[..., 3, :])
+        o, _ = hla_triton.triton_hadamard_attn(q, k, self.v(x).view(B, T, 1, -1))
+        return self.out(o.flatten(2))
+
+
+def test_torch_compile_fullgraph():
+    """The kernels run as custom ops: ``torch.compile(fullgraph=True)`` traces through, forward and backward."""
+    torch.manual_seed(0)
+    model = TinyHLA().to(DEVICE)
+    x = torch.randn(2, 9, 16, device=DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y, y_ref = compiled(x), model(x)
+    assert rel(y, y_ref) < 1e-6
+    g = torch.autograd.grad(y.square().sum(), list(model.parameters()))
+    g_ref = torch.autograd.grad(y_ref.square().sum(), list(model.parameters()))
+    for a, b in zip(g, g_ref):
+        assert rel(a, b) < 1e-5
+
+
+def test_custom_op_registered():
+    leaves = make(1, 5, 1, (4, 4), 16, 1, True)
+    q, k, v, S0, z0 = leaves[:2], leaves[2:4], leaves[4], leaves[5], leaves[6]
+    torch.library.opcheck(
+        torch.ops.hadamard_attn.parallel_fwd.default,
+        ([x.detach() for x in q], [x.detach() for x in k], v.detach(), S0.detach(), z0.detach(), None, True, 1e-6),
+        test_utils=("test_schema", "test_faketensor"),
+    )

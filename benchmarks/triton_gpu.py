@@ -169,6 +169,17 @@ def hla_fns(impl, q, k, v, leaves):
     return fwd, fwd_bwd
 
 
+def profile(fn):
+    """CUDA time per kernel over 3 calls (to see where a forward+backward goes)."""
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
+        log(f"      {e.device_time_total / 3e3:8.3f} ms/call  {e.count // 3:3d}x  {e.key[:90]}")
+
+
 def bench_sdpa(N, H, Dv):
     """SDPA (flash, bf16, non-causal): forward ms, forward+backward ms, peak MiB."""
     q, k, v = (torch.randn(1, H, N, Dv, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -203,6 +214,8 @@ def bench(ns, widths_list, peak, impls, rows):
                 flops = 4 * N * M * Dv * H
                 rows.append((N, impl, "x".join(map(str, widths)), f, fb, flops / f / 1e9, 3 * flops / fb / 1e9, mem))
                 log(fmt(rows[-1], peak) + (f"  ({sdpa_f / f:.0f}x SDPA fwd)" if impl == "triton" else ""))
+                if impl == "triton" and N == ns[0]:
+                    profile(fwd_bwd)
             del q, k, v, leaves
             torch.cuda.empty_cache()
 

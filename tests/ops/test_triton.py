@@ -107,6 +107,7 @@ def check(widths, Dv, B, T, H, normalize, init, cu_seqlens=None, tol=1e-5):
         ((2, 8, 4), 16, 1, 19, 2, True, True),  # P = 3, factor 2 in blocks, factor 1 one index per tile
         ((32,), 16, 2, 17, 1, True, False),  # P = 1 in blocks
         ((4, 64), 16, 1, 9, 1, True, False),  # a wide inner factor: tiles of one index of factor 1
+        ((4, 4), 64, 1, 6, 1, True, True),  # Dv = 64: two Dv tiles of 32 (Dv = 16 tests a tile capped at Dv)
     ],
 )
 def test_parallel(widths, Dv, B, T, H, normalize, init):

@@ -24,8 +24,9 @@ def test_structure():
 
 
 @pytest.mark.parametrize("config", [{}, {"widths": (8, 4, 2), "feature_map": "mlp"}, {"shared_factors": True}])
-def test_round_trip(tmp_path, config):
-    a = make(**config)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_round_trip(tmp_path, config, dtype):
+    a = make(**config).to(dtype)
     with torch.no_grad():
         for p in a.parameters():
             p.add_(torch.randn_like(p))  # not the initialisation
@@ -35,7 +36,8 @@ def test_round_trip(tmp_path, config):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for name in sa:
-        assert torch.equal(sa[name], sb[name]), name
+        assert sb[name].dtype == dtype and torch.equal(sa[name], sb[name]), name
+    assert all(p.requires_grad for p in b.parameters())
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

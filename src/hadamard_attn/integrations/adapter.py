@@ -137,5 +137,6 @@ class HLAAdapter(nn.Module):
             meta["model_type"],
             int(meta["num_kv_heads"]),
         )
-        adapter.load_state_dict(load_file(str(path)))
+        # assign: the maps take the saved tensors as they are, dtype included
+        adapter.load_state_dict(load_file(str(path)), assign=True)
         return adapter

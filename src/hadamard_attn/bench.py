@@ -354,7 +354,7 @@ def format_table(rows: list[Row]) -> str:
         mib = None if r.peak_bytes is None else r.peak_bytes / 2**20
         line = (
             f"{r.mode:<7}{str(r.causal):<8}{r.T:>7}  {r.path.name:<14}{_fmt(r.path.M, 'd'):>6}{_fmt(r.ms, '.2f'):>11}"
-            f"{_fmt(r.speedup, '.1f'):>9}{_fmt(r.gflops, '.1f'):>9}{_fmt(mib, '.1f'):>10}"
+            f"{_fmt(r.speedup, '.2f'):>9}{_fmt(r.gflops, '.1f'):>9}{_fmt(mib, '.1f'):>10}"
         )
         lines.append(line if r.status == "ok" else f"{line}  {r.status}")
     return "\n".join(lines)

@@ -160,6 +160,8 @@ def make_config(preset: str | None = None, **overrides) -> BenchConfig:
 
 @dataclass
 class Row:
+    """One measurement: a path at one length, causal or not, forward or forward+backward."""
+
     path: AttnPath
     causal: bool
     mode: str

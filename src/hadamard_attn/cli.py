@@ -62,7 +62,12 @@ def add_bench(sub) -> None:
         default=SUPPRESS,
         help="HLA backend: auto, torch (parallel / chunk) or triton (default auto)",
     )
-    p.add_argument("--repeats", type=int, default=SUPPRESS, help=f"timed runs at least, median (default {d.repeats})")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=SUPPRESS,
+        help=f"CPU: timed runs at least, median (default {d.repeats}); CUDA: do_bench decides",
+    )
     p.add_argument(
         "--sdpa-fwdbwd-max",
         type=int,

@@ -152,7 +152,7 @@ def chunk_hadamard_attn(
     initial_state: State | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
-    block_size: int = 2048,
+    block_size: int = 1024,
 ) -> tuple[torch.Tensor, State | None]:
     """Causal HLA on validated inputs: ``q, k`` P factors ``[B, T, H, R_f]``, ``v [B, T, H, Dv]``.
 

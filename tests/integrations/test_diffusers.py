@@ -266,11 +266,11 @@ def test_fused_projections():
     [
         ([3], ValueError, "out of range"),
         ([-1], ValueError, "out of range"),
-        ([0, 0], ValueError, "duplicate"),
+        ([0, 0], ValueError, "repeated"),
         ([], ValueError, "at least one"),
         ("0", TypeError, "sequence"),
-        ([1.0], TypeError, "ints"),
-        ([True], TypeError, "ints"),
+        ([1.0], TypeError, "integers"),
+        ([True], TypeError, "integers"),
     ],
 )
 def test_bad_layers(layers, error, match):

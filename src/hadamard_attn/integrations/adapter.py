@@ -8,8 +8,10 @@ layer and keeps them in an :class:`HLAAdapter`; the model's own weights are neve
 from __future__ import annotations
 
 import json
+import operator
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,6 +54,29 @@ class AdapterConfig:
     def check(self, head_dim: int) -> None:
         """Validate the maps against the model's head dim (errors name the field)."""
         check_factor_maps(self.feature_map, head_dim, self.widths, self.shared_factors, self.normalize)
+
+
+def check_layers(layers: Iterable[int] | None, num_layers: int, kind: str) -> list[int]:
+    """The sorted indices of the layers to convert (None: all ``num_layers``); errors name ``layers``.
+
+    ``kind`` names a layer in messages (``"block"``, ``"decoder layer"``).
+    """
+    if layers is None:
+        return list(range(num_layers))
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers: expected None or a sequence of {kind} indices, got {type(layers).__name__}")
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"layers: needs at least one {kind} index (None converts all), got []")
+    for i in layers:
+        if isinstance(i, bool) or not hasattr(type(i), "__index__"):
+            raise TypeError(f"layers: {kind} indices must be integers, got {i!r}")
+        if not 0 <= operator.index(i) < num_layers:
+            raise ValueError(f"layers: {kind} index {i} is out of range for a model of {num_layers} {kind}s")
+    layers = [operator.index(i) for i in layers]
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers: repeated indices in {layers}")
+    return sorted(layers)
 
 
 class HLAAdapter(nn.Module):

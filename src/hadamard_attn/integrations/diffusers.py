@@ -29,7 +29,7 @@ except ImportError as e:  # diffusers missing, or older than the WanAttention/Wa
 
 from ..feature_maps import FactorMaps
 from ..ops import hadamard_attn
-from .adapter import AdapterConfig, HLAAdapter
+from .adapter import AdapterConfig, HLAAdapter, check_layers
 
 __all__ = ["HadamardWanAttnProcessor", "apply_hla", "load_adapter", "remove_hla"]
 
@@ -149,31 +149,13 @@ def _hla_layers(attns: list[WanAttention]) -> list[int]:
     return [i for i, a in enumerate(attns) if isinstance(a.processor, HadamardWanAttnProcessor)]
 
 
-def _check_layers(layers: Sequence[int] | None, num_blocks: int) -> list[int]:
-    if layers is None:
-        return list(range(num_blocks))
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
-        raise TypeError(f"layers: expected None or a sequence of block indices, got {type(layers).__name__}")
-    layers = list(layers)
-    if not layers:
-        raise ValueError("layers: needs at least one block index (None converts all blocks), got []")
-    for i in layers:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"layers: block indices must be ints, got {i!r}")
-        if not 0 <= i < num_blocks:
-            raise ValueError(f"layers: block index {i} is out of range; the transformer has blocks 0..{num_blocks - 1}")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"layers: duplicate block indices in {layers}")
-    return sorted(layers)
-
-
 def _attach(transformer: nn.Module, adapter: HLAAdapter) -> HLAAdapter:
     """Check ``adapter`` against ``transformer`` and switch its layers' ``attn1`` to HLA."""
     attns = _self_attentions(transformer)
     done = _hla_layers(attns)
     if done:
         raise RuntimeError(f"transformer: HLA is already applied to blocks {done}; call remove_hla(transformer) first")
-    _check_layers(adapter.layers, len(attns))
+    check_layers(adapter.layers, len(attns), "block")
     attn = attns[adapter.layers[0]]
     head_dim = attn.inner_dim // attn.heads
     if (adapter.num_heads, adapter.head_dim) != (attn.heads, head_dim):
@@ -211,7 +193,7 @@ def apply_hla(
     """
     config = AdapterConfig() if config is None else config
     attns = _self_attentions(transformer)
-    layers = _check_layers(layers, len(attns))
+    layers = check_layers(layers, len(attns), "block")
     attn = attns[layers[0]]
     adapter = HLAAdapter(config, layers, attn.heads, attn.inner_dim // attn.heads, MODEL_TYPE)
     return _attach(transformer, adapter)

@@ -18,7 +18,6 @@ alone (with the position ids ``generate`` derives from the mask). Sequences pack
 
 from __future__ import annotations
 
-import operator
 import os
 from collections.abc import Iterable
 
@@ -36,7 +35,7 @@ except ImportError as e:
 from ..feature_maps import FactorMaps
 from ..layers import apply_rotary
 from ..ops import hadamard_attn, hadamard_attn_step
-from .adapter import AdapterConfig, HLAAdapter
+from .adapter import AdapterConfig, HLAAdapter, check_layers
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -292,29 +291,12 @@ def _hla_layers(layers: nn.ModuleList) -> list[int]:
     return [i for i, layer in enumerate(layers) if isinstance(layer.self_attn, HLAAttention)]
 
 
-def _check_layers(layers: Iterable[int] | None, num_layers: int) -> list[int]:
-    if layers is None:
-        return list(range(num_layers))
-    layers = list(layers)
-    if not layers:
-        raise ValueError("layers: needs at least one decoder layer index (None means all), got []")
-    for i in layers:
-        if isinstance(i, bool) or not hasattr(type(i), "__index__"):
-            raise TypeError(f"layers: expected integer indices, got {i!r}")
-        if not 0 <= operator.index(i) < num_layers:
-            raise ValueError(f"layers: index {i} is out of range for a model of {num_layers} decoder layers")
-    layers = [operator.index(i) for i in layers]
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"layers: repeated indices in {layers}")
-    return sorted(layers)
-
-
 def _install(model: nn.Module, adapter: HLAAdapter) -> HLAAdapter:
     layers = _decoder_layers(model)
     applied = _hla_layers(layers)
     if applied:
         raise RuntimeError(f"model: layers {applied} already use HLA; call remove_hla(model) first")
-    _check_layers(adapter.layers, len(layers))
+    check_layers(adapter.layers, len(layers), "decoder layer")
     config = model.config.get_text_config(decoder=True)
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
@@ -352,7 +334,7 @@ def apply_hla(model: nn.Module, layers: Iterable[int] | None = None, config: Ada
         RuntimeError: the model already has HLA layers (call :func:`remove_hla` first).
     """
     decoder_layers = _decoder_layers(model)
-    layers = _check_layers(layers, len(decoder_layers))
+    layers = check_layers(layers, len(decoder_layers), "decoder layer")
     text_config = model.config.get_text_config(decoder=True)
     num_heads = text_config.num_attention_heads
     adapter = HLAAdapter(

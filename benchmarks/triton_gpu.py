@@ -195,7 +195,7 @@ def bench_sdpa(N, H, Dv):
         return bench_ms(fwd, rep=100), bench_ms(fwd_bwd, rep=100), peak_mem(fwd_bwd)
 
 
-def bench(ns, widths_list, peak, impls, rows):
+def bench(ns, widths_list, peak, impls, rows, parallel_max_n):
     H, Dv = 12, 128
     for N in ns:
         f, fb, mem = bench_sdpa(N, H, Dv)
@@ -207,6 +207,8 @@ def bench(ns, widths_list, peak, impls, rows):
             M = math.prod(widths)
             q, k, v, _, leaves = make(1, N, H, widths, Dv, torch.bfloat16)
             for impl in impls:
+                if impl == "parallel" and N > parallel_max_n:
+                    continue
                 fwd, fwd_bwd = hla_fns(impl, q, k, v, leaves)
                 rep = 200 if impl == "triton" else 50
                 f, fb = bench_ms(fwd, rep), bench_ms(fwd_bwd, rep)
@@ -255,6 +257,7 @@ def main():
     p.add_argument("--ns", default="4096,16384,32760,75600,131072")
     p.add_argument("--widths", default="16x16,32x32,64x4,64x64,16x16x16")
     p.add_argument("--impls", default="parallel,triton")
+    p.add_argument("--parallel-max-n", type=int, default=1 << 30, help="skip the (slow) torch path above this N")
     a = p.parse_args()
     props = torch.cuda.get_device_properties(0)
     log(f"device {props.name}, {props.multi_processor_count} SMs")
@@ -272,7 +275,7 @@ def main():
     log(HEADER)
     widths = [tuple(int(r) for r in w.split("x")) for w in a.widths.split(",")]
     t0 = time.time()
-    bench([int(n) for n in a.ns.split(",")], widths, peak, a.impls.split(","), rows)
+    bench([int(n) for n in a.ns.split(",")], widths, peak, a.impls.split(","), rows, a.parallel_max_n)
     log(f"bench took {time.time() - t0:.0f} s")
     log("\nsummary (bf16, B=1, H=12, Dv=128, non-causal)")
     log(HEADER)

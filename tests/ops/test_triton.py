@@ -222,3 +222,10 @@ def test_custom_op_registered():
         ([x.detach() for x in q], [x.detach() for x in k], v.detach(), S0.detach(), z0.detach(), None, True, 1e-6),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def test_unsupported_reason_int32(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    v = torch.zeros(1, 1, 1, 16).expand(1, 2**27, 1, 16)  # 2**31 elements, no memory
+    q = (torch.zeros(1, 1, 1, 4).expand(1, 2**27, 1, 4),) * 2
+    assert "int32" in hla_triton.unsupported_reason(q, q, v, False)

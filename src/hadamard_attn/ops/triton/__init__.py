@@ -45,6 +45,8 @@ def unsupported_reason(q, k, v: torch.Tensor, causal: bool) -> str | None:
     Dv = v.shape[-1]
     if not (_pow2(Dv) and 16 <= Dv <= 256):
         return f"the Triton kernels take Dv a power of two in [16, 256], got {Dv}"
+    if max(x.numel() for x in (*q, *k, v)) >= 2**31:
+        return "the Triton kernels index with int32: every input must have fewer than 2**31 elements"
     return None
 
 

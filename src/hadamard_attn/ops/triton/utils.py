@@ -55,11 +55,11 @@ def factor_blocks(R1: int, R2: int, R3: int, BM: int) -> tuple[int, int, int]:
     return B1, B2, B3
 
 
-def block_heuristics(BM_key: str = "BM"):
+def block_heuristics():
     """``triton.heuristics`` giving ``B1, B2, B3`` (factor blocks) and ``NM`` (tiles over M) from the widths."""
 
     def blocks(args):
-        return factor_blocks(args["R1"], args["R2"], args["R3"], args[BM_key])
+        return factor_blocks(args["R1"], args["R2"], args["R3"], args["BM"])
 
     return {
         "B1": lambda a: blocks(a)[0],

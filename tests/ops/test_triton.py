@@ -126,17 +126,28 @@ def test_parallel_varlen_p3():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_parallel_half(dtype):
-    """16-bit inputs: the output comes back in the input dtype, the state in fp32."""
-    leaves = make(2, 11, 2, (4, 4), 16, 2, False)
-    q, k, v = [x.detach().to(dtype) for x in leaves[:2]], [x.detach().to(dtype) for x in leaves[2:4]], leaves[4]
-    v = v.detach().to(dtype)
-    o, (S, z) = hla_triton.triton_hadamard_attn(tuple(q), tuple(k), v, False, True, 1e-6, None, True, None)
-    ref = naive_hadamard_attn(
-        tuple(x.double() for x in q), tuple(x.double() for x in k), v.double(), False, True, 1e-6, None, True
-    )
+    """16-bit inputs with a state far beyond fp16's range (fp16 reads it through a per-head power-of-two scale):
+    the output and the gradients come back in the input dtype, the state in fp32."""
+    P, init_scale = 2, 1e6
+    leaves = make(2, 11, 2, (4, 4), 16, 2, True)
+    xs = [x.detach().to(dtype).requires_grad_(True) for x in leaves[:5]]
+    st = [(x.detach() * init_scale).requires_grad_(True) for x in leaves[5:]]
+    ref = [x.detach().double().requires_grad_(True) for x in xs + st]
+
+    def run(fn, t):
+        return fn(tuple(t[:P]), tuple(t[P : 2 * P]), t[2 * P], False, True, 1e-6, (t[5], t[6]), True, None)
+
+    o, (S, z) = run(hla_triton.triton_hadamard_attn, xs + st)
+    o_ref, (S_ref, z_ref) = run(naive_hadamard_attn, ref)
     assert o.dtype == dtype and S.dtype == torch.float32 and z.dtype == torch.float32
-    assert rel(o, ref[0]) < 1e-2
-    assert rel(S, ref[1][0]) < 1e-5 and rel(z, ref[1][1]) < 1e-5
+    assert rel(o, o_ref) < 1e-2
+    assert rel(S, S_ref) < 1e-5 and rel(z, z_ref) < 1e-5
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    dS = torch.randn(S.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE) / init_scale
+    grads = torch.autograd.grad((o.float() * do).sum() + (S * dS).sum(), xs + st)
+    grads_ref = torch.autograd.grad((o_ref * do.double()).sum() + (S_ref * dS.double()).sum(), ref)
+    for a, b in zip(grads, grads_ref):
+        assert rel(a, b) < 2e-2
 
 
 def test_api_backend_triton():

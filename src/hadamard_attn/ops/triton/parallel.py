@@ -170,6 +170,7 @@ def readout_kernel(
     x2,
     x3,
     Sz,
+    scale,
     o,
     den,
     cu_seqlens,
@@ -185,6 +186,7 @@ def readout_kernel(
     P: tl.constexpr,
     NORMALIZE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
     BT: tl.constexpr,
@@ -197,8 +199,8 @@ def readout_kernel(
 ):
     """``o = phi(x) S / (phi(x) z + eps)`` for a block of tokens; stores ``den = phi(x) z`` too (fp32 ``[TT, H]``).
 
-    ``Sz [N, H, M, DV + 16]`` in ``DOT``: ``S``, then ``z`` split in two columns (high and low part), then zeros.
-    Grid: (token blocks, Dv tiles, H).
+    ``Sz [N, H, M, DV + 16]`` in ``DOT``: ``S``, then ``z`` split in two columns (high and low part), then zeros;
+    divided by ``scale [N, H]`` if ``HAS_SCALE``. Grid: (token blocks, Dv tiles, H).
     """
     i_t, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     M: tl.constexpr = R1 * R2 * R3
@@ -225,6 +227,10 @@ def readout_kernel(
             if NORMALIZE:
                 b_z = tl.load(p_sz + o_m[:, None] * (DV + 16) + o_c[None, :], mask=mask_m[:, None], other=0)
                 dacc += tl.dot(phi, b_z, input_precision=PREC)
+        if HAS_SCALE:
+            sc = tl.load(scale + n * H + i_h)
+            acc = acc * sc
+            dacc = dacc * sc
         if NORMALIZE:
             b_den = tl.sum(dacc, 1)  # [BT]
             acc = acc / (b_den + eps)[:, None]
@@ -248,6 +254,7 @@ def token_bwd_kernel(
     den,
     w,
     S,
+    scale,
     z,
     dx1,
     dx2,
@@ -267,6 +274,7 @@ def token_bwd_kernel(
     QUERY: tl.constexpr,
     NORMALIZE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
     BT: tl.constexpr,
@@ -314,6 +322,8 @@ def token_bwd_kernel(
             b_w = tl.full([BT], 1.0, dtype=tl.float32)
             dv_acc = tl.zeros([BT, DV], dtype=tl.float32)
         b_g = b_g.to(DOT)
+        if HAS_SCALE:
+            sc = tl.load(scale + n * H + i_h)
         # gradients of the factors taken whole by every tile are summed over the tiles in registers
         g1_acc = tl.zeros([BT, B1], dtype=tl.float32)
         g2_acc = tl.zeros([BT, B2], dtype=tl.float32)
@@ -326,7 +336,10 @@ def token_bwd_kernel(
             b_s = tl.load(S + base * (M * DV) + o_m[:, None] * DV + o_v[None, :], mask=mask_m[:, None], other=0)
             b_z = tl.load(z + base * M + o_m, mask=mask_m, other=0)
             # [BT, DV] @ [DV, BMA]
-            dphi = tl.dot(b_g, tl.trans(b_s), input_precision=PREC) + b_w[:, None] * b_z[None, :]
+            dphi = tl.dot(b_g, tl.trans(b_s), input_precision=PREC)
+            if HAS_SCALE:
+                dphi = dphi * sc
+            dphi += b_w[:, None] * b_z[None, :]
             g1, g2, g3 = kr_tile_grads(dphi, a1, a2, a3, BT, B1, B2, B3, P)
             if B1 >= R1:
                 g1_acc += g1
@@ -351,6 +364,8 @@ def token_bwd_kernel(
         if P == 3 and B3 == R3:
             add_factor_grad(dx3, rows, mask_t, tl.arange(0, B3), g3_acc, R3)
         if not QUERY:
+            if HAS_SCALE:
+                dv_acc = dv_acc * sc
             tl.store(dv + rows[:, None] * DV + o_v[None, :], dv_acc.to(dv.dtype.element_ty), mask=mask_t[:, None])
 
 
@@ -358,12 +373,29 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def _with_z(S: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[S | z_hi | z_lo | 0]  [N, H, M, Dv + 16]`` in ``dtype``, ``z_hi + z_lo = z`` to about 16 bits."""
-    z_hi = z.to(dtype)
-    z_lo = (z - z_hi.float()).to(dtype)
-    pad = torch.zeros(*z.shape, 14, dtype=dtype, device=z.device)
-    return torch.cat([S.to(dtype), z_hi[..., None], z_lo[..., None], pad], dim=-1)
+def _range_scale(S: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """fp16 inputs: a power of two per sequence and head, ``[N, H]`` fp32, that brings the state into fp16's range
+    for the copy the tensor cores read (``|S|, z <= 2^12``); None for bf16 and fp32 (they have the range)."""
+    if dtype != torch.float16:
+        return None
+    big = torch.maximum(S.abs().amax((-2, -1)), z.abs().amax(-1))  # [N, H]
+    return torch.exp2(torch.ceil(torch.log2(big / 2**12))).clamp_min(1.0)
+
+
+def _dot_state(S: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``S / scale`` in the ``tl.dot`` operand dtype of ``dtype`` inputs."""
+    return (S if scale is None else S / scale[..., None, None]).to(dot_dtype(dtype))
+
+
+def _with_z(S: torch.Tensor, z: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``[S | z_hi | z_lo | 0] / scale  [N, H, M, Dv + 16]`` in the dot dtype; ``z_hi + z_lo = z`` to ~16 bits."""
+    if scale is not None:
+        z = z / scale[..., None]
+    dt = dot_dtype(dtype)
+    z_hi = z.to(dt)
+    z_lo = (z - z_hi.float()).to(dt)
+    pad = torch.zeros(*z.shape, 14, dtype=dt, device=z.device)
+    return torch.cat([_dot_state(S, scale, dtype), z_hi[..., None], z_lo[..., None], pad], dim=-1)
 
 
 def _build_state(x, v, S, z, seqs, w_mode, den=None, w=None, eps=0.0):
@@ -389,7 +421,7 @@ def _build_state(x, v, S, z, seqs, w_mode, den=None, w=None, eps=0.0):
     )  # fmt: skip
 
 
-def _token_bwd(x, g, S, z, seqs, query, normalize, eps, o=None, den=None, w=None, dv=None):
+def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, den=None, w=None, dv=None):
     """Factor gradients ``dx_f`` (fp32) of one side; see ``token_bwd_kernel``."""
     B, T, H, Dv = g.shape
     R1, R2, R3 = widths3(tuple(t.shape[-1] for t in x))
@@ -400,9 +432,10 @@ def _token_bwd(x, g, S, z, seqs, query, normalize, eps, o=None, den=None, w=None
     TT = B * T
     token_bwd_kernel[lambda meta: (triton.cdiv(TT, meta["BT"]), H)](
         x1, x2, x3, g, o if o is not None else g, den if den is not None else g, w if w is not None else g,
-        S, z, d1, d2, d3, dv if dv is not None else g, seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
+        S, scale if scale is not None else z, z, d1, d2, d3, dv if dv is not None else g,
+        seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(x), QUERY=query, NORMALIZE=normalize,
-        IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
+        IS_VARLEN=seqs.IS_VARLEN, HAS_SCALE=scale is not None, DOT=DOT, PREC=PREC,
     )  # fmt: skip
     return dx
 
@@ -437,9 +470,12 @@ def parallel_fwd(
     x1, x2, x3 = (q + (q[0],) * (3 - len(q)))[:3]
     DOT, PREC = dot_config(v.dtype)
     TT = B * T
+    scale = _range_scale(S, z, v.dtype)
     readout_kernel[lambda meta: (triton.cdiv(TT, meta["BT"]), triton.cdiv(Dv, meta["BV"]), H)](
-        x1, x2, x3, _with_z(S, z, dot_dtype(v.dtype)), o, den, seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
-        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
+        x1, x2, x3, _with_z(S, z, scale, v.dtype), scale if scale is not None else z, o, den,
+        seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
+        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
+        HAS_SCALE=scale is not None, DOT=DOT, PREC=PREC,
     )  # fmt: skip
     return o, S, z, den
 
@@ -480,14 +516,17 @@ def parallel_bwd(
     do = _flat(do)
     # queries: dq, and w = d(loss)/d(den)
     w = empty((B * T, H, 16), dot_dtype(v.dtype), v.device)
-    dq = _token_bwd(q, do, S.to(dot_dtype(v.dtype)), z, seqs, True, normalize, eps, o=o, den=den, w=w)
+    scale = _range_scale(S, z, v.dtype)
+    dq = _token_bwd(q, do, _dot_state(S, scale, v.dtype), scale, z, seqs, True, normalize, eps, o=o, den=den, w=w)
     # gradient of the state: upstream + phi(Q)^T [g | w]
     dS_tot, dz_tot = dS.float().clone().contiguous(), dz.float().clone().contiguous()
     w_mode, scale = (2, den) if normalize else (0, None)
     _build_state(q, do, dS_tot, dz_tot, seqs, w_mode=w_mode, den=scale, w=w, eps=eps)
     # keys: dk and dv
     dv = empty(v.shape, v.dtype, v.device)
-    dk = _token_bwd(k, v, dS_tot.to(dot_dtype(v.dtype)), dz_tot, seqs, False, normalize, eps, dv=dv)
+    scale = _range_scale(dS_tot, dz_tot, v.dtype)
+    dS_dot = _dot_state(dS_tot, scale, v.dtype)
+    dk = _token_bwd(k, v, dS_dot, scale, dz_tot, seqs, False, normalize, eps, dv=dv)
     return [d.to(x.dtype) for d, x in zip(dq, q)], [d.to(x.dtype) for d, x in zip(dk, k)], dv, dS_tot, dz_tot
 
 

@@ -167,7 +167,6 @@ def _inputs(widths=(4, 4), Dv=16, dtype=torch.float32, device=DEVICE):
 @pytest.mark.parametrize(
     "widths, Dv, dtype, causal, match",
     [
-        ((4, 4), 16, torch.float32, True, "causal"),
         ((4, 4), 16, torch.float64, False, "float64"),
         ((2, 2, 2, 2), 16, torch.float32, False, "P <= 3"),
         ((3, 4), 16, torch.float32, False, "powers of two"),

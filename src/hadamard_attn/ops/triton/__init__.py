@@ -11,9 +11,10 @@ import os
 
 import torch
 
+from .chunk import chunk_hadamard_attn_triton
 from .parallel import parallel_hadamard_attn_triton
 
-__all__ = ["parallel_hadamard_attn_triton", "triton_hadamard_attn", "unsupported_reason"]
+__all__ = ["chunk_hadamard_attn_triton", "parallel_hadamard_attn_triton", "triton_hadamard_attn", "unsupported_reason"]
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -28,11 +29,9 @@ def _pow2(n: int) -> bool:
 
 
 def unsupported_reason(q, k, v: torch.Tensor, causal: bool) -> str | None:
-    """None when the kernels run these (validated) inputs, else why not."""
+    """None when the kernels run these (validated) inputs, else why not (the same for causal and non-causal)."""
     if v.device.type != "cuda" and not (v.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return f"the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {v.device}"
-    if causal:
-        return "causal HLA has no Triton kernel yet; use backend='chunk'"
     if v.dtype not in DTYPES:
         return f"the Triton kernels take float16, bfloat16 or float32 inputs, got {v.dtype}"
     if len(q) > MAX_FACTORS:
@@ -68,4 +67,5 @@ def triton_hadamard_attn(
     reason = unsupported_reason(q, k, v, causal)
     if reason is not None:
         raise ValueError(reason)
-    return parallel_hadamard_attn_triton(q, k, v, normalize, eps, initial_state, output_final_state, cu_seqlens)
+    fn = chunk_hadamard_attn_triton if causal else parallel_hadamard_attn_triton
+    return fn(q, k, v, normalize, eps, initial_state, output_final_state, cu_seqlens)

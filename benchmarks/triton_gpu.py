@@ -1,6 +1,7 @@
 """GPU check and benchmark of the HLA Triton kernels (run on a CUDA machine).
 
     PYTHONPATH=src python3 benchmarks/triton_gpu.py [--skip-check] [--ns 4096,32760] [--widths 32x32,64x4]
+    PYTHONPATH=src python3 benchmarks/triton_gpu.py --causal [--skip-check] [--ns 4096,32760] [--widths 16x16]
 
 1. correctness at real sizes: forward and every gradient against float64 (the quadratic reference up to a few
    thousand tokens, the torch ``parallel`` path beyond), outputs poisoned with NaN; bf16 at T = 131072 finite;
@@ -10,6 +11,11 @@
 FLOPs counted for HLA (matmul work only, per head): forward ``4 N M Dv`` (state build ``2 N M Dv`` + read-out
 ``2 N M Dv``), backward ``8 N M Dv`` (dq, dS, dk, dv: ``2 N M Dv`` each); SDPA forward ``4 N^2 D``, backward
 ``2.5x`` that. TFLOP/s on these counts; % of the bf16 matmul peak measured in the same run.
+
+``--causal``: the same for causal HLA (the Triton chunked forward; its backward is the torch chunk path's), against
+causal SDPA (flash, bf16), the torch ``chunk`` path and, when ``import fla`` works, fla's ``chunk_linear_attn``
+(K = 128). Causal FLOPs: forward ``4 N M Dv + 2 N C (Dv + sum R_f)`` (state, read-out, the C x C blocks),
+forward+backward 3x that; causal SDPA forward ``2 N^2 D``.
 """
 
 from __future__ import annotations
@@ -24,12 +30,16 @@ import triton
 import triton.testing
 
 from hadamard_attn.ops import triton as hla_triton
+from hadamard_attn.ops.chunk import chunk_hadamard_attn
 from hadamard_attn.ops.naive import naive_hadamard_attn
 from hadamard_attn.ops.parallel import parallel_hadamard_attn
+from hadamard_attn.ops.triton import chunk as tc
 from hadamard_attn.ops.triton import parallel as tp
 
 DEV = "cuda"
-KERNELS = (tp.state_kernel, tp.readout_kernel, tp.token_bwd_kernel)
+CHUNK = 64  # the causal kernels' chunk (tc.default_chunk_size() on the GPU), for the FLOP count
+FLA_K = 128  # fla's feature size in the causal comparison (Wan2.1's head dim)
+KERNELS = (tp.state_kernel, tp.readout_kernel, tp.token_bwd_kernel, tc.chunk_state_kernel, tc.chunk_output_kernel)
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
@@ -61,22 +71,25 @@ def poisoned(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def check_one(widths, Dv, dtype, B, T, H, normalize=True, init=False, cu=None, ref="naive"):
+def check_one(widths, Dv, dtype, B, T, H, normalize=True, init=False, cu=None, ref="naive", causal=False):
     P = len(widths)
     cu_t = None if cu is None else torch.tensor(cu, device=DEV, dtype=torch.int32)
     N = B if cu is None else len(cu) - 1
     q, k, v, st, leaves = make(B, T, H, widths, Dv, dtype, init, N)
-    tp.empty, saved = poisoned, tp.empty
+    saved = tp.empty, tc.empty
+    tp.empty = tc.empty = poisoned
     try:
-        o, s = hla_triton.triton_hadamard_attn(tuple(q), tuple(k), v, False, normalize, 1e-6, st, True, cu_t)
+        o, s = hla_triton.triton_hadamard_attn(tuple(q), tuple(k), v, causal, normalize, 1e-6, st, True, cu_t)
     finally:
-        tp.empty = saved
+        tp.empty, tc.empty = saved
     d = [x.detach().double().requires_grad_(True) for x in leaves]
     n = 2 * P + 1
     args = (tuple(d[:P]), tuple(d[P : 2 * P]), d[2 * P])
     init_d = (d[n], d[n + 1]) if init else None
     if ref == "naive":
-        o2, s2 = naive_hadamard_attn(*args, False, normalize, 1e-6, init_d, True, cu_t)
+        o2, s2 = naive_hadamard_attn(*args, causal, normalize, 1e-6, init_d, True, cu_t)
+    elif causal:
+        o2, s2 = chunk_hadamard_attn(*args, normalize, 1e-6, init_d, True)
     else:
         o2, s2 = parallel_hadamard_attn(*args, normalize, 1e-6, init_d, True)
     go, gs, gz = torch.randn_like(o), torch.randn_like(s[0]), torch.randn_like(s[1])
@@ -86,14 +99,15 @@ def check_one(widths, Dv, dtype, B, T, H, normalize=True, init=False, cu=None, r
     finite = all(torch.isfinite(t).all().item() for t in (o, *s, *g1))
     ok = finite and max(errs) < TOL[dtype] * 2
     name = f"{'x'.join(map(str, widths))} Dv={Dv} {str(dtype)[6:]} B={B} T={T} H={H} norm={normalize} init={init}"
+    name = ("causal " if causal else "") + name
     name += f" cu={cu}" if cu else ""
     fwd = f"o/S/z {errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e}"
     log(f"  {'ok ' if ok else 'BAD'} {name}: {fwd} grads max {max(errs[3:]):.1e}")
     return ok
 
 
-def check(large: bool) -> bool:
-    """The test matrix at real sizes; each kernel with its default config (quick compiles)."""
+def check(large: bool, causal: bool = False) -> bool:
+    """The test matrix at real sizes (causal or not); each kernel with its default config (quick compiles)."""
     full = {kern: kern.configs for kern in KERNELS}
     for kern in KERNELS:
         kern.configs = kern.configs[:1]
@@ -113,18 +127,18 @@ def check(large: bool) -> bool:
     ok = True
     log("check: Triton vs float64 reference (rel. RMS error; forward o/S/z, max over gradients)")
     for c in cases:
-        ok &= check_one(*c)
+        ok &= check_one(*c, causal=causal)
     if large:
-        ok &= check_one((32, 32), 128, torch.bfloat16, 1, 32760, 12, True, False, None, ref="parallel")
-        ok &= check_one((16, 16, 16), 128, torch.bfloat16, 1, 16384, 4, True, True, None, ref="parallel")
-        for widths in ((32, 32), (64, 64)):
+        big = "chunk" if causal else "parallel"  # the float64 torch path of the same mode
+        ok &= check_one((32, 32), 128, torch.bfloat16, 1, 32760, 12, True, False, None, ref=big, causal=causal)
+        ok &= check_one((16, 16, 16), 128, torch.bfloat16, 1, 16384, 4, True, True, None, ref=big, causal=causal)
+        for widths in ((16, 16), (32, 32)) if causal else ((32, 32), (64, 64)):
             q, k, v, _, leaves = make(1, 131072, 12, widths, 128, torch.bfloat16)
-            o, s = hla_triton.triton_hadamard_attn(tuple(q), tuple(k), v, False, True, 1e-6, None, True, None)
+            o, s = hla_triton.triton_hadamard_attn(tuple(q), tuple(k), v, causal, True, 1e-6, None, True, None)
             g = torch.autograd.grad(o, leaves, torch.randn_like(o))
             finite = all(torch.isfinite(t).all().item() for t in (o, *s, *g))
-            log(
-                f"  {'ok ' if finite else 'BAD'} bf16 T=131072 H=12 {widths}: all outputs and gradients finite={finite}"
-            )
+            mode = "causal " if causal else ""
+            log(f"  {'ok ' if finite else 'BAD'} {mode}bf16 T=131072 H=12 {widths}: outputs, gradients finite={finite}")
             ok &= finite
     for kern in KERNELS:
         kern.configs, kern.cache = full[kern], {}
@@ -151,15 +165,17 @@ def matmul_peak() -> float:
     return 2 * 8192**3 / ms / 1e9
 
 
-def hla_fns(impl, q, k, v, leaves):
+def hla_fns(impl, q, k, v, leaves, causal=False):
+    """Forward and forward+backward closures of one implementation: ``triton``, or the torch path of the mode."""
     if impl == "triton":
 
         def fwd():
-            return hla_triton.triton_hadamard_attn(tuple(q), tuple(k), v, False, True, 1e-6, None, False, None)[0]
+            return hla_triton.triton_hadamard_attn(tuple(q), tuple(k), v, causal, True, 1e-6, None, False, None)[0]
     else:
+        torch_path = chunk_hadamard_attn if causal else parallel_hadamard_attn
 
         def fwd():
-            return parallel_hadamard_attn(tuple(q), tuple(k), v, True, 1e-6, None, False)[0]
+            return torch_path(tuple(q), tuple(k), v, True, 1e-6, None, False)[0]
 
     do = torch.randn_like(v)
 
@@ -180,13 +196,13 @@ def profile(fn):
         log(f"      {e.device_time_total / 3e3:8.3f} ms/call  {e.count // 3:3d}x  {e.key[:90]}")
 
 
-def bench_sdpa(N, H, Dv):
-    """SDPA (flash, bf16, non-causal): forward ms, forward+backward ms, peak MiB."""
+def bench_sdpa(N, H, Dv, causal=False):
+    """SDPA (flash, bf16): forward ms, forward+backward ms, peak MiB."""
     q, k, v = (torch.randn(1, H, N, Dv, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
 
     def fwd():
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     def fwd_bwd():
         return torch.autograd.grad(fwd(), (q, k, v), do)
@@ -195,27 +211,66 @@ def bench_sdpa(N, H, Dv):
         return bench_ms(fwd, rep=100), bench_ms(fwd_bwd, rep=100), peak_mem(fwd_bwd)
 
 
-def bench(ns, widths_list, peak, impls, rows, parallel_max_n):
+def bench_fla(N, H, Dv, K=FLA_K):
+    """fla's ``chunk_linear_attn`` (bf16, normalized, K features): forward ms, forward+backward ms, peak MiB; None
+    where fla does not import or run."""
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+    except ImportError as e:
+        log(f"  (fla not available: {e})")
+        return None
+    q, k = (torch.rand(1, N, H, K, device=DEV).div(K / 2).bfloat16().requires_grad_(True) for _ in range(2))
+    v = torch.randn(1, N, H, Dv, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn_like(v)
+
+    def fwd():
+        return chunk_linear_attn(q=q, k=k, v=v, normalize=True)[0]
+
+    def fwd_bwd():
+        return torch.autograd.grad(fwd(), (q, k, v), do)
+
+    try:
+        return bench_ms(fwd, rep=100), bench_ms(fwd_bwd, rep=100), peak_mem(fwd_bwd)
+    except Exception as e:  # an fla version with another signature: skip it, keep the run
+        log(f"  (fla chunk_linear_attn failed: {type(e).__name__}: {e})")
+        return None
+
+
+def hla_flops(N, H, widths, Dv, causal):
+    """HLA forward FLOPs (see the module docstring)."""
+    flops = 4 * N * math.prod(widths) * Dv
+    if causal:
+        flops += 2 * N * CHUNK * (Dv + sum(widths))
+    return flops * H
+
+
+def bench(ns, widths_list, peak, impls, rows, torch_max_n, causal=False):
     H, Dv = 12, 128
     for N in ns:
-        f, fb, mem = bench_sdpa(N, H, Dv)
-        flops = 4 * N * N * Dv * H
-        rows.append((N, "sdpa-flash", "-", f, fb, flops / f / 1e9, 3.5 * flops / fb / 1e9, mem))
+        f, fb, mem = bench_sdpa(N, H, Dv, causal)
+        flops = (2 if causal else 4) * N * N * Dv * H
+        rows.append(
+            (N, "sdpa-causal" if causal else "sdpa-flash", "-", f, fb, flops / f / 1e9, 3.5 * flops / fb / 1e9, mem)
+        )
         log(fmt(rows[-1], peak))
-        sdpa_f = f
+        sdpa_f, sdpa_fb = f, fb
+        if causal and (r := bench_fla(N, H, Dv)) is not None:
+            flops = (4 * N * FLA_K * Dv + 2 * N * CHUNK * (Dv + FLA_K)) * H
+            rows.append((N, "fla-linear", f"K={FLA_K}", r[0], r[1], flops / r[0] / 1e9, 3 * flops / r[1] / 1e9, r[2]))
+            log(fmt(rows[-1], peak))
         for widths in widths_list:
-            M = math.prod(widths)
             q, k, v, _, leaves = make(1, N, H, widths, Dv, torch.bfloat16)
             for impl in impls:
-                if impl == "parallel" and N > parallel_max_n:
+                if impl != "triton" and N > torch_max_n:
                     continue
-                fwd, fwd_bwd = hla_fns(impl, q, k, v, leaves)
+                fwd, fwd_bwd = hla_fns(impl, q, k, v, leaves, causal)
                 rep = 200 if impl == "triton" else 50
                 f, fb = bench_ms(fwd, rep), bench_ms(fwd_bwd, rep)
                 mem = peak_mem(fwd_bwd)
-                flops = 4 * N * M * Dv * H
+                flops = hla_flops(N, H, widths, Dv, causal)
                 rows.append((N, impl, "x".join(map(str, widths)), f, fb, flops / f / 1e9, 3 * flops / fb / 1e9, mem))
-                log(fmt(rows[-1], peak) + (f"  ({sdpa_f / f:.0f}x SDPA fwd)" if impl == "triton" else ""))
+                vs = f"  ({sdpa_f / f:.0f}x SDPA fwd, {sdpa_fb / fb:.1f}x f+b)"
+                log(fmt(rows[-1], peak) + (vs if impl == "triton" else ""))
                 if impl == "triton" and N == ns[0]:
                     profile(fwd_bwd)
             del q, k, v, leaves
@@ -256,9 +311,17 @@ def main():
     p.add_argument("--no-large", action="store_true")
     p.add_argument("--ns", default="4096,16384,32760,75600,131072")
     p.add_argument("--widths", default="16x16,32x32,64x4,64x64,16x16x16")
-    p.add_argument("--impls", default="parallel,triton")
-    p.add_argument("--parallel-max-n", type=int, default=1 << 30, help="skip the (slow) torch path above this N")
+    p.add_argument("--causal", action="store_true", help="causal HLA: chunked kernels vs causal SDPA, torch chunk, fla")
+    p.add_argument("--impls", default=None, help="default: parallel,triton (chunk,triton with --causal)")
+    p.add_argument(
+        "--parallel-max-n",
+        type=int,
+        default=1 << 30,
+        help="skip the (slow) torch path (parallel, or chunk with --causal) above this N",
+    )
     a = p.parse_args()
+    impls = (a.impls or ("chunk,triton" if a.causal else "parallel,triton")).split(",")
+    mode = "causal" if a.causal else "non-causal"
     props = torch.cuda.get_device_properties(0)
     log(f"device {props.name}, {props.multi_processor_count} SMs")
     log(f"torch {torch.__version__}; triton {triton.__version__}; python {sys.version.split()[0]}")
@@ -266,7 +329,7 @@ def main():
     ok = True
     if not a.skip_check:
         t0 = time.time()
-        ok = check(not a.no_large)
+        ok = check(not a.no_large, a.causal)
         log(f"check {'PASSED' if ok else 'FAILED'} in {time.time() - t0:.0f} s")
     peak = matmul_peak()
     log(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s (the peak used for %pk)")
@@ -275,9 +338,9 @@ def main():
     log(HEADER)
     widths = [tuple(int(r) for r in w.split("x")) for w in a.widths.split(",")]
     t0 = time.time()
-    bench([int(n) for n in a.ns.split(",")], widths, peak, a.impls.split(","), rows, a.parallel_max_n)
+    bench([int(n) for n in a.ns.split(",")], widths, peak, impls, rows, a.parallel_max_n, a.causal)
     log(f"bench took {time.time() - t0:.0f} s")
-    log("\nsummary (bf16, B=1, H=12, Dv=128, non-causal)")
+    log(f"\nsummary (bf16, B=1, H=12, Dv=128, {mode})")
     log(HEADER)
     for r in rows:
         log(fmt(r, peak))

@@ -236,14 +236,16 @@ def test_qk_norm_off():
             dict(dim=8, num_heads=2, widths=(5, 5, 5), feature_map="affine"),
             r"feature_map='affine' is signed: .*P = len\(widths\) = 3 and normalize=True",
         ),
-        (dict(dim=8, num_heads=2, eps=-1e-6), r"eps: must be >= 0"),
+        (dict(dim=8, num_heads=2, eps=-1e-6), r"eps: must be a finite number >= 0"),
+        (dict(dim=8, num_heads=2, eps=float("nan")), r"eps: must be a finite number >= 0"),
+        (dict(dim=8, num_heads=2, causal="no"), r"causal: expected a bool"),
         (dict(dim=8, num_heads=2, backend="cuda"), r"backend: must be one of"),
-        (dict(dim=8, num_heads=2, backend="parallel", causal=True), r"backend: 'parallel' does not support causal"),
-        (dict(dim=8, num_heads=2, backend="chunk"), r"backend: 'chunk' does not support causal=False"),
+        (dict(dim=8, num_heads=2, backend="parallel", causal=True), r"backend='parallel' is the non-causal path"),
+        (dict(dim=8, num_heads=2, backend="chunk"), r"backend='chunk' is a causal path"),
     ],
 )
 def test_config_errors(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         HLAConfig(**kwargs)
 
 
@@ -271,3 +273,13 @@ def test_config_passed_to_operator(monkeypatch):
     assert {k: calls[0][k] for k in ("causal", "normalize", "eps", "backend")} == dict(
         causal=True, normalize=False, eps=1e-3, backend="recurrent"
     )
+
+
+def test_rotary_errors():
+    x = torch.randn(2, 6, 3, 4)
+    cos = torch.ones(6, 4)
+    for bad in (torch.ones(1, 4), torch.ones(4), torch.ones(6, 2), torch.ones(3, 6, 4)):
+        with pytest.raises(ValueError, match="rotary_emb: cos must be"):
+            apply_rotary(x, bad, cos)
+    with pytest.raises(ValueError, match="even head_dim"):
+        apply_rotary(torch.randn(2, 6, 3, 5), torch.ones(6, 5), torch.ones(6, 5))

@@ -219,10 +219,15 @@ class FactorMaps(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """``q [..., H, D]``, ``k [..., H_kv, D]`` -> P query features ``[..., H, R_f]`` and P key features
-        ``[..., H_kv, R_f]``, in ``q``'s dtype."""
-        # .to(q.dtype): under CUDA autocast the softmax of the learnable maps runs in fp32
-        qs = [m(q).to(q.dtype) for m in self.q_maps]
-        ks = [m(k).to(q.dtype) for m in self.k_maps]
+        ``[..., H_kv, R_f]``, in ``q``'s dtype.
+
+        The maps compute in their parameters' dtype (fp32 maps trained on a bf16 model see q and k in fp32) and
+        the features come back in ``q``'s dtype, the dtype the HLA operator takes (under CUDA autocast the
+        softmax of the learnable maps runs in fp32 too)."""
+        param = next(self.parameters(), None)
+        dtype = q.dtype if param is None else param.dtype
+        qs = [m(q.to(dtype)).to(q.dtype) for m in self.q_maps]
+        ks = [m(k.to(dtype)).to(q.dtype) for m in self.k_maps]
         if len(qs) < self.num_factors:  # shared factors
             qs, ks = qs * self.num_factors, ks * self.num_factors
         return qs, ks

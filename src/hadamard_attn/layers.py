@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from .feature_maps import FactorMaps, check_factor_maps
-from .ops import BACKENDS, hadamard_attn
+from .ops import hadamard_attn
+from .ops.api import check_backend, check_eps, check_flag
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -61,12 +62,10 @@ class HLAConfig:
             raise ValueError(f"head_dim: must be >= 1, got {self.head_dim}")
         self.widths = tuple(self.widths)
         check_factor_maps(self.feature_map, self.head_dim, self.widths, self.shared_factors, self.normalize)
-        if self.eps < 0:
-            raise ValueError(f"eps: must be >= 0, got {self.eps}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend: must be one of {BACKENDS}, got {self.backend!r}")
-        if (self.backend == "parallel" and self.causal) or (self.backend in ("chunk", "recurrent") and not self.causal):
-            raise ValueError(f"backend: {self.backend!r} does not support causal={self.causal}")
+        for flag in ("shared_factors", "causal", "qk_norm", "bias", "normalize"):
+            check_flag(getattr(self, flag), flag)
+        check_eps(self.eps)
+        check_backend(self.backend, self.causal)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -79,6 +78,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     Returns:
         ``x * cos + rotate_half(x) * sin``, ``[B, T, H, D]``, with ``rotate_half([x1, x2]) = [-x2, x1]``.
     """
+    B, T, _, D = x.shape
+    if D % 2:
+        raise ValueError(f"rotary_emb: the rotate-half rotary needs an even head_dim, got {D}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) not in ((T, D), (B, T, D)):
+            raise ValueError(
+                f"rotary_emb: {name} must be [T, D] = {(T, D)} or [B, T, D] = {(B, T, D)}, got {tuple(t.shape)}"
+            )
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)  # [B, T, H, D]
     return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)

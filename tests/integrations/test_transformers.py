@@ -77,7 +77,9 @@ def make_model(family: str, attn_implementation: str = "sdpa", seed: int = 0) ->
 def make_hla(family: str, layers=ALL, config: AdapterConfig = SMALL, **kwargs):
     model = make_model(family, **kwargs)
     torch.manual_seed(1)
-    return model, apply_hla(model, layers, config)
+    adapter = apply_hla(model, layers, config)
+    assert all(p.dtype == torch.float32 for p in adapter.parameters())  # fp32 maps, whatever the model's dtype
+    return model, adapter.double()  # float64 tests: maps in float64 too
 
 
 def tokens(B: int, T: int, seed: int = 2) -> torch.Tensor:
@@ -221,10 +223,13 @@ def test_naive_backend(family):
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("layers", [ALL, HYBRID], ids=["all", "hybrid"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_left_padding(family, layers, attn_implementation):
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+def test_left_padding(family, layers, attn_implementation, eps):
     """A left-padded batch gives, at the real tokens, the logits of each sequence run alone, in a full forward and
-    in ``generate`` (tokens and the logits of every step)."""
-    model, _ = make_hla(family, layers, attn_implementation=attn_implementation)
+    in ``generate`` (tokens and the logits of every step). With eps = 0 a padded query reads 0 / 0: it must not
+    reach the real tokens through a later softmax layer."""
+    config = AdapterConfig(widths=SMALL.widths, eps=eps)
+    model, _ = make_hla(family, layers, config, attn_implementation=attn_implementation)
     lengths = [9, 4, 6]
     ids = tokens(3, 9)
     mask = torch.zeros_like(ids)
@@ -282,20 +287,20 @@ def test_gradients():
 def test_save_load(tmp_path, family):
     """``save_pretrained`` then ``load_adapter`` into a fresh copy of the model: same weights, same logits.
 
-    float32: ``HLAAdapter.from_pretrained`` builds float32 maps, so a float64 adapter would come back rounded.
+    A float64 adapter comes back float64 (``from_pretrained`` keeps the saved dtype).
     """
-    model = make_model(family).float()
+    model = make_model(family)
     torch.manual_seed(1)
-    adapter = apply_hla(model, HYBRID, AdapterConfig(widths=(4, 2), feature_map="mlp"))
+    adapter = apply_hla(model, HYBRID, AdapterConfig(widths=(4, 2), feature_map="mlp")).double()
     with torch.no_grad():
         for p in adapter.parameters():
             p.add_(0.1 * torch.randn_like(p))  # not the initialisation
     adapter.save_pretrained(tmp_path)
-    fresh = make_model(family).float()
+    fresh = make_model(family)
     loaded = load_adapter(fresh, tmp_path)
     assert isinstance(loaded, HLAAdapter)
     assert loaded.layers == [0, 2] and loaded.config == adapter.config
-    assert all(p.dtype == torch.float32 for p in loaded.parameters())  # the model's dtype
+    assert all(p.dtype == torch.float64 for p in loaded.parameters())  # the saved dtype
     for name, t in adapter.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
     ids = tokens(2, 7)

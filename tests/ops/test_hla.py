@@ -321,3 +321,24 @@ def test_long_low_precision(dtype, backend, causal):
 def test_eps_zero(backend, causal):
     """eps = 0 is allowed: with a ragged last chunk the padding must not turn 0/0 into NaN gradients."""
     check_against_naive(backend, 2, 37, (4, 2), causal, True, True, seed=17, eps=0.0)
+
+
+def test_double_backward():
+    """``chunk`` recomputes from its inputs, so second derivatives match the reference; ``parallel`` refuses them
+    (``once_differentiable``) instead of silently dropping the part that flows through its saved state."""
+    g = torch.Generator().manual_seed(19)
+    q, k, v = random_inputs(1, 9, 1, (3, 2), 4, generator=g)
+    leaves = [*q, *k, v]
+
+    def first(backend, causal):
+        o, _ = hadamard_attn(q, k, v, causal=causal, backend=backend)
+        (dq0,) = torch.autograd.grad(o.pow(2).sum(), q[0], create_graph=True)
+        return dq0
+
+    def second(backend, causal):
+        return torch.autograd.grad(first(backend, causal).pow(2).sum(), leaves)
+
+    for name, r, x in zip(leaf_names(2, False), second("naive", True), second("chunk", True)):
+        assert_close(f"d2 {name}", r, x, 1e-10)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        first("parallel", False).pow(2).sum().backward()

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..feature_maps import FactorMaps, check_factor_maps
-from ..ops import BACKENDS
+from ..ops.api import check_backend, check_eps, check_flag
 
 ADAPTER_FILE = "hla_adapter.safetensors"
 FORMAT = "hadamard-attn-adapter/1"
@@ -46,14 +46,16 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         self.widths = tuple(self.widths)
-        if self.eps < 0:
-            raise ValueError(f"eps: must be >= 0, got {self.eps}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend: must be one of {BACKENDS}, got {self.backend!r}")
+        check_flag(self.shared_factors, "shared_factors")
+        check_flag(self.normalize, "normalize")
+        check_eps(self.eps)
+        check_backend(self.backend)
 
-    def check(self, head_dim: int) -> None:
-        """Validate the maps against the model's head dim (errors name the field)."""
+    def check(self, head_dim: int, causal: bool | None = None) -> None:
+        """Validate the maps against the model's head dim and the backend against its mode (errors name the
+        field)."""
         check_factor_maps(self.feature_map, head_dim, self.widths, self.shared_factors, self.normalize)
+        check_backend(self.backend, causal)
 
 
 def check_layers(layers: Iterable[int] | None, num_layers: int, kind: str) -> list[int]:

@@ -110,11 +110,7 @@ class HadamardWanAttnProcessor:
             query = _apply_rotary_emb(query, *rotary_emb)
             key = _apply_rotary_emb(key, *rotary_emb)
 
-        param = next(self.maps.parameters(), None)
-        dtype = query.dtype if param is None else param.dtype
-        qs, ks = self.maps(query.to(dtype), key.to(dtype))  # P x [B, T, H, R_f]
-        qs = [x.to(query.dtype) for x in qs]
-        ks = [x.to(query.dtype) for x in ks]
+        qs, ks = self.maps(query, key)  # P x [B, T, H, R_f], in query's dtype
 
         hidden_states, _ = hadamard_attn(
             qs,
@@ -156,6 +152,7 @@ def _attach(transformer: nn.Module, adapter: HLAAdapter) -> HLAAdapter:
     if done:
         raise RuntimeError(f"transformer: HLA is already applied to blocks {done}; call remove_hla(transformer) first")
     check_layers(adapter.layers, len(attns), "block")
+    adapter.config.check(adapter.head_dim, causal=False)
     attn = attns[adapter.layers[0]]
     head_dim = attn.inner_dim // attn.heads
     if (adapter.num_heads, adapter.head_dim) != (attn.heads, head_dim):

@@ -271,6 +271,10 @@ class HLAAttention(nn.Module):
             )  # o: [B, T, H, D]
         if layer is not None:
             layer.update_state(state, T)
+        if real is not None:
+            # padded queries read an empty state: 0 / 0 with eps = 0, which a later softmax layer's zero
+            # attention weight would still turn into NaN for every real token
+            o = torch.where(real[:, :, None, None], o, 0)
         return self.o_proj(o.reshape(B, T, self.num_heads * D)), None  # [B, T, hidden_size]
 
 
@@ -307,11 +311,11 @@ def _install(model: nn.Module, adapter: HLAAdapter) -> HLAAdapter:
             f"adapter: built for (num_heads, num_kv_heads, head_dim) = {got}, the model has "
             f"{(num_heads, num_kv_heads, head_dim)}"
         )
-    weight = layers[0].self_attn.q_proj.weight
-    adapter.to(device=weight.device, dtype=weight.dtype)
+    adapter.config.check(head_dim, causal=True)
     for i in adapter.layers:
         attn = layers[i].self_attn
-        layers[i].self_attn = HLAAttention(attn, adapter.maps[str(i)], adapter.config, num_heads, num_kv_heads)
+        maps = adapter.maps[str(i)].to(attn.q_proj.weight.device)  # the layer's device (sharded models)
+        layers[i].self_attn = HLAAttention(attn, maps, adapter.config, num_heads, num_kv_heads)
     return adapter
 
 
@@ -325,9 +329,10 @@ def apply_hla(model: nn.Module, layers: Iterable[int] | None = None, config: Ada
         config: the :class:`AdapterConfig` (widths, feature map, ...); default ``AdapterConfig()``.
 
     Returns:
-        The :class:`HLAAdapter` that owns every new parameter, on the model's device and in its dtype. Its maps are
-        also registered inside the model (``...self_attn.maps``), so ``model.to()``, ``model.train()`` and
-        ``model.parameters()`` include them.
+        The :class:`HLAAdapter` that owns every new parameter, each map on its layer's device, in fp32 (maps
+        compute in their own dtype and hand the features over in the model's). Its maps are also registered
+        inside the model (``...self_attn.maps``), so ``model.to()``, ``model.train()`` and ``model.parameters()``
+        include them.
 
     Raises:
         ValueError, TypeError: bad ``layers``, unsupported model, or maps that do not fit the head dim.

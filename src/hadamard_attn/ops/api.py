@@ -79,9 +79,26 @@ def _check_v(v: torch.Tensor, rank: int) -> None:
         raise ValueError("v: Dv must be >= 1, got 0")
 
 
-def _check_eps(eps: float) -> None:
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+def check_eps(eps: float) -> None:
+    """``eps`` must be a finite real number >= 0 (not a bool)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps: must be a finite number >= 0, got {eps!r}")
+
+
+def check_flag(value: bool, name: str) -> None:
+    """Flags are real bools: ``causal="no"`` must not silently mean True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+
+
+def check_backend(backend: str, causal: bool | None = None) -> None:
+    """``backend`` is one of :data:`BACKENDS` and, when ``causal`` is known, a path that computes that mode."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
+    if backend == "parallel" and causal:
+        raise ValueError("backend='parallel' is the non-causal path; use 'chunk' or 'recurrent' with causal=True")
+    if backend in ("chunk", "recurrent") and causal is False:
+        raise ValueError(f"backend={backend!r} is a causal path; use 'parallel' with causal=False")
 
 
 def _check_state(state: State, N: int, H: int, M: int, Dv: int, v: torch.Tensor, name: str) -> None:
@@ -203,9 +220,11 @@ def hadamard_attn(
     _check_v(v, 4)
     q, k = _as_factors(q, "q", 4), _as_factors(k, "k", 4)
     _check_factors(q, k, v)
-    _check_eps(eps)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
+    check_eps(eps)
+    check_flag(causal, "causal")
+    check_flag(normalize, "normalize")
+    check_flag(output_final_state, "output_final_state")
+    check_backend(backend, causal)
     B, T, H, Dv = v.shape
     if T == 0:
         raise ValueError("v: sequence length T must be >= 1, got 0")
@@ -226,10 +245,6 @@ def hadamard_attn(
         reason = _triton_reason(q, k, v, causal)
         if reason is not None:
             raise ValueError(f"backend='triton': {reason}")
-    elif backend == "parallel" and causal:
-        raise ValueError("backend='parallel' is the non-causal path; use 'chunk' or 'recurrent' with causal=True")
-    elif backend in ("chunk", "recurrent") and not causal:
-        raise ValueError(f"backend={backend!r} is a causal path; use 'parallel' with causal=False")
     return _run(backend, q, k, v, causal, normalize, eps, initial_state, output_final_state, cu_seqlens)
 
 
@@ -256,7 +271,8 @@ def hadamard_attn_step(
     _check_v(v, 3)
     q, k = _as_factors(q, "q", 3), _as_factors(k, "k", 3)
     _check_factors(q, k, v)
-    _check_eps(eps)
+    check_eps(eps)
+    check_flag(normalize, "normalize")
     B, H, Dv = v.shape
     if state is not None:
         _check_state(state, B, H, feature_size(q), Dv, v, "state")

@@ -85,6 +85,7 @@ class ParallelHLA(torch.autograd.Function):
         return o, S, z
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved state is not part of a graph: no double backward
     def backward(ctx, do, dS, dz):
         P, normalize, eps, block_size, has_init = ctx.cfg
         v, S_aug, *factors = ctx.saved_tensors

@@ -73,7 +73,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
     Args:
         x: ``[B, T, H, D]``.
-        cos, sin: ``[T, D]`` or ``[B, T, D]``.
+        cos, sin: ``[T, D]``, ``[1, T, D]`` or ``[B, T, D]``.
 
     Returns:
         ``x * cos + rotate_half(x) * sin``, ``[B, T, H, D]``, with ``rotate_half([x1, x2]) = [-x2, x1]``.
@@ -82,9 +82,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if D % 2:
         raise ValueError(f"rotary_emb: the rotate-half rotary needs an even head_dim, got {D}")
     for name, t in (("cos", cos), ("sin", sin)):
-        if tuple(t.shape) not in ((T, D), (B, T, D)):
+        if tuple(t.shape) not in ((T, D), (1, T, D), (B, T, D)):
             raise ValueError(
-                f"rotary_emb: {name} must be [T, D] = {(T, D)} or [B, T, D] = {(B, T, D)}, got {tuple(t.shape)}"
+                f"rotary_emb: {name} must be [T, D] = {(T, D)} or [B, T, D] = {(B, T, D)} (or [1, T, D]), got "
+                f"{tuple(t.shape)}"
             )
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)  # [B, T, H, D]

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
+from safetensors.torch import load_file
 
 from hadamard_attn.integrations import AdapterConfig
 from hadamard_attn.integrations.diffusers import HadamardWanAttnProcessor, apply_hla, load_adapter, remove_hla
@@ -57,7 +58,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="stage-1 steps")
     p.add_argument("--finetune-steps", type=int, default=2, help="stage-2 steps")
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--prompt-embeds", help="a .pt tensor [N, L, text_dim] of T5 prompt embeddings")
+    p.add_argument(
+        "--prompt-embeds", help="a .safetensors file whose tensor 'prompt_embeds' [N, L, text_dim] holds T5 embeddings"
+    )
     p.add_argument("--out", help="adapter folder (default: a temporary one)")
     return p.parse_args()
 
@@ -172,7 +175,7 @@ def finetune(model, adapter, args, text) -> None:
 def main() -> None:
     args = parse_args()
     model = load_transformer(args)
-    text = None if args.prompt_embeds is None else torch.load(args.prompt_embeds)
+    text = None if args.prompt_embeds is None else load_file(args.prompt_embeds)["prompt_embeds"]
     layers = select_layers(args.layers, len(model.blocks))
     config = AdapterConfig(widths=tuple(int(w) for w in args.widths.split("x")))
 

@@ -38,6 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 from .ops import chunk_hadamard_attn, hadamard_attn
+from .testing import rel_rms
 
 CHUNK = inspect.signature(chunk_hadamard_attn).parameters["chunk_size"].default
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -271,12 +272,6 @@ def make_step(path: AttnPath, xs: list[torch.Tensor], causal: bool, mode: str, b
     return step
 
 
-def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||x - ref|| / ||ref||`` in float64."""
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
 def check_path(path: AttnPath, causal: bool, cfg: BenchConfig) -> float:
     """Largest relative RMS error of the output and every input gradient against the float64 reference."""
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
@@ -288,7 +283,7 @@ def check_path(path: AttnPath, causal: bool, cfg: BenchConfig) -> float:
     do = torch.randn(ref.shape, generator=gen, device=device, dtype=torch.float64)
     grads = torch.autograd.grad(o, xs, do.to(o.dtype))
     grads_ref = torch.autograd.grad(ref, xs64, do)
-    return max(rel_rms(a, b) for a, b in zip((o, *grads), (ref, *grads_ref)))
+    return max(rel_rms(r, a) for a, r in zip((o, *grads), (ref, *grads_ref)))
 
 
 def verdict(path: AttnPath, causal: bool, cfg: BenchConfig) -> str:

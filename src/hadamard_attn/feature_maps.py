@@ -92,8 +92,9 @@ class AffineFeatureMap(FixedFeatureMap):
 class HedgehogFeatureMap(FeatureMap):
     """Hedgehog: ``softmax([x W_h, -x W_h])`` over the R channels, with a per-head ``W [H, D, R/2]``.
 
-    W starts with orthogonal columns scaled by ``D^(-1/4)``, so that ``x W_h (y W_h)^T`` starts near
-    ``x.y / sqrt(D)``, the softmax attention logit.
+    W starts with orthogonal columns scaled by ``D^(-1/4)``: with ``R/2 >= D`` the logit ``x W_h (y W_h)^T``
+    starts at ``x.y / sqrt(D)``, the softmax attention logit; narrower maps start at the projection of q and k
+    onto R/2 random directions (about ``(R / 2D) x.y / sqrt(D)``), which attention transfer then trains.
     """
 
     def __init__(self, num_heads: int, head_dim: int, width: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -30,7 +32,10 @@ def test_round_trip(tmp_path, config, dtype):
     with torch.no_grad():
         for p in a.parameters():
             p.add_(torch.randn_like(p))  # not the initialisation
-    a.save_pretrained(tmp_path)
+    path = a.save_pretrained(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     b = HLAAdapter.from_pretrained(tmp_path, model_type="wan")
     assert b.config == a.config and b.layers == a.layers and b.num_kv_heads == 2
     sa, sb = a.state_dict(), b.state_dict()

@@ -267,6 +267,7 @@ def test_varlen(backend, causal, with_state):
         )
         assert_close(f"o[seq {n}]", o, out[0][:, s:e], 1e-10)
         assert_close(f"S[seq {n}]", S, out[1][n : n + 1], 1e-10)
+        assert_close(f"z[seq {n}]", z, out[2][n : n + 1], 1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -128,7 +128,8 @@ class HLAAdapter(nn.Module):
         }
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``directory/hla_adapter.safetensors`` atomically (a temporary file, then a rename)."""
+        """Write ``directory/hla_adapter.safetensors`` atomically and durably (a temporary file, fsync, a rename,
+        fsync of the directory): a kill at any point leaves the previous file or the new one, never a torn one."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / ADAPTER_FILE
@@ -137,7 +138,17 @@ class HLAAdapter(nn.Module):
         try:
             tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
             save_file(tensors, tmp, metadata=self.metadata())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the adapter private
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())  # the bytes reach the disk before the rename does
             os.replace(tmp, target)
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # and the rename itself
+            finally:
+                os.close(dir_fd)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

@@ -12,7 +12,7 @@ FLOPs counted for HLA (matmul work only, per head): forward ``4 N M Dv`` (state 
 ``2 N M Dv``), backward ``8 N M Dv`` (dq, dS, dk, dv: ``2 N M Dv`` each); SDPA forward ``4 N^2 D``, backward
 ``2.5x`` that. TFLOP/s on these counts; % of the bf16 matmul peak measured in the same run.
 
-``--causal``: the same for causal HLA (the Triton chunked forward; its backward is the torch chunk path's), against
+``--causal``: the same for causal HLA (the Triton chunked kernels, forward and backward), against
 causal SDPA (flash, bf16), the torch ``chunk`` path and, when ``import fla`` works, fla's ``chunk_linear_attn``
 (K = 128). Causal FLOPs: forward ``4 N M Dv + 2 N C (Dv + sum R_f)`` (state, read-out, the C x C blocks),
 forward+backward 3x that; causal SDPA forward ``2 N^2 D``.

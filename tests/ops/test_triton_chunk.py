@@ -1,5 +1,4 @@
-"""The causal Triton path against the float64 quadratic reference: forward (Triton) and every gradient (the torch
-chunk path's backward behind it).
+"""The causal Triton kernels against the float64 quadratic reference, forward and every gradient.
 
 Without CUDA the kernels run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set by conftest
 before the kernels are defined), with chunks of 16 tokens. Every output the kernels write is poisoned with NaN.
@@ -129,7 +128,7 @@ def test_chunk_state_carried(hla):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_chunk_half(hla, dtype):
     """16-bit inputs with a state beyond fp16's range and an intra-chunk block beyond it too (widths 64 x 16 of
-    values up to 8: A up to 2^22): the output comes back in the input dtype, the state in fp32."""
+    values up to 8: A up to 2^22): the output and the gradients come back in the input dtype, the state in fp32."""
     P = 2
     leaves = make(1, 20, 1, (64, 16), 16, 1, True, dtype=dtype)
     xs = [(x.detach() * (8 if i < 2 * P else 1)).to(dtype) for i, x in enumerate(leaves[:5])]
@@ -144,6 +143,17 @@ def test_chunk_half(hla, dtype):
     assert o.dtype == dtype and S.dtype == torch.float32 and z.dtype == torch.float32
     assert rel(o, o_ref) < 1e-2
     assert rel(S, S_ref) < 1e-5 and rel(z, z_ref) < 1e-5
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    dS = torch.randn(S.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE) / 1e6
+    xs = [x.requires_grad_(True) for x in xs + st]
+    ref = [x.detach().double().requires_grad_(True) for x in xs]
+    o, (S, _) = run(hla.triton_hadamard_attn, xs)
+    o_ref, (S_ref, _) = run(naive_hadamard_attn, ref)
+    grads = torch.autograd.grad((o.float() * do).sum() + (S * dS).sum(), xs)
+    grads_ref = torch.autograd.grad((o_ref * do.double()).sum() + (S_ref * dS.double()).sum(), ref)
+    for a, b in zip(grads, grads_ref):
+        # bf16: the query gradient cancels large terms (a state of 1e6) through w = -sum(do * o), o rounded to bf16
+        assert a.isfinite().all() and rel(a, b) < (2e-2 if dtype == torch.float16 else 5e-2)
 
 
 def test_api_backend_triton_causal(hla):
@@ -156,14 +166,16 @@ def test_api_backend_triton_causal(hla):
     assert rel(o, o_ref) < 1e-5
 
 
-def test_chunk_custom_op(hla):
+def test_chunk_custom_ops(hla):
     leaves = [x.detach() for x in make(1, 5, 1, (4, 4), 16, 1, True)]
     q, k, v, S0, z0 = leaves[:2], leaves[2:4], leaves[4], leaves[5], leaves[6]
+    utils = ("test_schema", "test_faketensor")
     torch.library.opcheck(
-        torch.ops.hadamard_attn.chunk_fwd.default,
-        (q, k, v, S0, z0, None, True, 1e-6, 16),
-        test_utils=("test_schema", "test_faketensor"),
+        torch.ops.hadamard_attn.chunk_fwd.default, (q, k, v, S0, z0, None, True, 1e-6, 16), test_utils=utils
     )
+    o, S, z, den = torch.ops.hadamard_attn.chunk_fwd(q, k, v, S0, z0, None, True, 1e-6, 16)
+    args = (q, k, v, o, den, S0, z0, None, torch.ones_like(o), torch.ones_like(S), torch.ones_like(z), True, 1e-6, 16)
+    torch.library.opcheck(torch.ops.hadamard_attn.chunk_bwd.default, args, test_utils=utils)
 
 
 def test_chunk_torch_compile_fullgraph(hla):

@@ -88,72 +88,59 @@ class ChunkHLA(torch.autograd.Function):
     def backward(ctx, do, dS_final, dz_final):
         P, normalize, eps, C, L = ctx.cfg
         v, S0, z0, *factors = ctx.saved_tensors
-        dq, dk, dv, dS0, dz0 = chunk_backward(
-            tuple(factors[:P]), tuple(factors[P:]), v, S0, z0, do, dS_final, dz_final, normalize, eps, C, L
-        )
-        return (None, None, None, None, None, dv, dS0, dz0, *dq, *dk)
+        q, k = factors[:P], factors[P:]
+        B, T, H, Dv = v.shape
+        acc = state_dtype(v.dtype)
+        mask = torch.ones(C, C, dtype=torch.bool, device=v.device).tril()
+        blocks = [(t0, min(t0 + L, T)) for t0 in range(0, T, L)]
+        dq = [torch.zeros(x.shape, dtype=acc, device=x.device) for x in q]
+        dk = [torch.zeros(x.shape, dtype=acc, device=x.device) for x in k]
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        g_all = torch.empty(B, T, H, Dv + 1, dtype=acc, device=v.device)  # d[num | den] per token
 
+        # forward sweep: states entering each chunk -> query gradients, intra-chunk gradients
+        S_aug = augment_state(None if S0 is None else (S0, z0), B, H, feature_size(q), Dv, acc, v.device)
+        for t0, t1 in blocks:
+            qt = tuple(chunked(x, t0, t1, C, acc) for x in q)  # [B, H, G, C, R_f]
+            kt = tuple(chunked(x, t0, t1, C, acc) for x in k)
+            vt = with_ones(chunked(v, t0, t1, C, acc))  # [B, H, G, C, E]
+            sims, A = similarities(qt, kt, mask)  # [B, H, G, C, C]
+            dS = khatri_rao(kt).transpose(-1, -2) @ vt  # [B, H, G, M, E]
+            S_in = S_aug.unsqueeze(2) + exclusive_cumsum(dS, 2)
+            nd = A @ vt + khatri_rao(qt) @ S_in
+            _, g = read_grads(chunked(do, t0, t1, C, acc), nd, normalize, eps)  # [B, H, G, C, E]
+            g.flatten(2, 3)[:, :, t1 - t0 :] = 0  # padded rows (0/0 when eps = 0) must not reach the state
+            g_all[:, t0:t1] = unchunked(g, t1 - t0)
+            dA = (g @ vt.transpose(-1, -2)) * mask  # [B, H, G, C, C]
+            dQ = khatri_rao_backward(qt, g @ S_in.transpose(-1, -2))  # P x [B, H, G, C, R_f]
+            for f in range(P):
+                others = product_of_others(sims, f)
+                dsim = dA if others is None else dA * others  # [B, H, G, C, C]
+                dq[f][:, t0:t1] += unchunked(dQ[f] + dsim @ kt[f], t1 - t0)
+                dk[f][:, t0:t1] += unchunked(dsim.transpose(-1, -2) @ qt[f], t1 - t0)
+            dv[:, t0:t1] += unchunked(A.transpose(-1, -2) @ g[..., :-1], t1 - t0)
+            S_aug = S_aug + dS.sum(2)
 
-def chunk_backward(q, k, v, S0, z0, do, dS_final, dz_final, normalize, eps, chunk_size=64, block_size=1024):
-    """Gradients ``(dq, dk, dv, dS0, dz0)`` of causal HLA from its inputs alone (the forward is recomputed).
-
-    ``dS_final, dz_final``: gradients of the final state (or None); ``dS0, dz0`` are None without ``S0``.
-    """
-    P = len(q)
-    C = chunk_size
-    L = -(-block_size // C) * C
-    B, T, H, Dv = v.shape
-    acc = state_dtype(v.dtype)
-    mask = torch.ones(C, C, dtype=torch.bool, device=v.device).tril()
-    blocks = [(t0, min(t0 + L, T)) for t0 in range(0, T, L)]
-    dq = [torch.zeros(x.shape, dtype=acc, device=x.device) for x in q]
-    dk = [torch.zeros(x.shape, dtype=acc, device=x.device) for x in k]
-    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-    g_all = torch.empty(B, T, H, Dv + 1, dtype=acc, device=v.device)  # d[num | den] per token
-
-    # forward sweep: states entering each chunk -> query gradients, intra-chunk gradients
-    S_aug = augment_state(None if S0 is None else (S0, z0), B, H, feature_size(q), Dv, acc, v.device)
-    for t0, t1 in blocks:
-        qt = tuple(chunked(x, t0, t1, C, acc) for x in q)  # [B, H, G, C, R_f]
-        kt = tuple(chunked(x, t0, t1, C, acc) for x in k)
-        vt = with_ones(chunked(v, t0, t1, C, acc))  # [B, H, G, C, E]
-        sims, A = similarities(qt, kt, mask)  # [B, H, G, C, C]
-        dS = khatri_rao(kt).transpose(-1, -2) @ vt  # [B, H, G, M, E]
-        S_in = S_aug.unsqueeze(2) + exclusive_cumsum(dS, 2)
-        nd = A @ vt + khatri_rao(qt) @ S_in
-        _, g = read_grads(chunked(do, t0, t1, C, acc), nd, normalize, eps)  # [B, H, G, C, E]
-        g.flatten(2, 3)[:, :, t1 - t0 :] = 0  # padded rows (0/0 when eps = 0) must not reach the state
-        g_all[:, t0:t1] = unchunked(g, t1 - t0)
-        dA = (g @ vt.transpose(-1, -2)) * mask  # [B, H, G, C, C]
-        dQ = khatri_rao_backward(qt, g @ S_in.transpose(-1, -2))  # P x [B, H, G, C, R_f]
-        for f in range(P):
-            others = product_of_others(sims, f)
-            dsim = dA if others is None else dA * others  # [B, H, G, C, C]
-            dq[f][:, t0:t1] += unchunked(dQ[f] + dsim @ kt[f], t1 - t0)
-            dk[f][:, t0:t1] += unchunked(dsim.transpose(-1, -2) @ qt[f], t1 - t0)
-        dv[:, t0:t1] += unchunked(A.transpose(-1, -2) @ g[..., :-1], t1 - t0)
-        S_aug = S_aug + dS.sum(2)
-
-    # reverse sweep: gradient of the state leaving each chunk -> inter-chunk key and value gradients
-    G = torch.zeros(B, H, feature_size(q), Dv + 1, dtype=acc, device=v.device)
-    if dS_final is not None:
-        G[..., :-1] += dS_final
-    if dz_final is not None:
-        G[..., -1] += dz_final
-    for t0, t1 in reversed(blocks):
-        qt = tuple(chunked(x, t0, t1, C, acc) for x in q)
-        kt = tuple(chunked(x, t0, t1, C, acc) for x in k)
-        vt = with_ones(chunked(v, t0, t1, C, acc))
-        K = khatri_rao(kt)  # [B, H, G, C, M]
-        dG = khatri_rao(qt).transpose(-1, -2) @ chunked(g_all, t0, t1, C, acc)  # [B, H, G, M, E]
-        G_out = G.unsqueeze(2) + exclusive_cumsum(dG, 2, reverse=True)  # grad of the state leaving each chunk
-        for f, d in enumerate(khatri_rao_backward(kt, vt @ G_out.transpose(-1, -2))):
-            dk[f][:, t0:t1] += unchunked(d, t1 - t0)
-        dv[:, t0:t1] += unchunked(K @ G_out[..., :-1], t1 - t0)
-        G = G + dG.sum(2)
-    dS0, dz0 = split_state(G) if S0 is not None else (None, None)
-    cast = [d.to(x.dtype) for d, x in zip(dq + dk, q + k)]
-    return cast[:P], cast[P:], dv.to(v.dtype), dS0, dz0
+        # reverse sweep: gradient of the state leaving each chunk -> inter-chunk key and value gradients
+        G = torch.zeros(B, H, feature_size(q), Dv + 1, dtype=acc, device=v.device)
+        if dS_final is not None:
+            G[..., :-1] += dS_final
+        if dz_final is not None:
+            G[..., -1] += dz_final
+        for t0, t1 in reversed(blocks):
+            qt = tuple(chunked(x, t0, t1, C, acc) for x in q)
+            kt = tuple(chunked(x, t0, t1, C, acc) for x in k)
+            vt = with_ones(chunked(v, t0, t1, C, acc))
+            K = khatri_rao(kt)  # [B, H, G, C, M]
+            dG = khatri_rao(qt).transpose(-1, -2) @ chunked(g_all, t0, t1, C, acc)  # [B, H, G, M, E]
+            G_out = G.unsqueeze(2) + exclusive_cumsum(dG, 2, reverse=True)  # grad of the state leaving each chunk
+            for f, d in enumerate(khatri_rao_backward(kt, vt @ G_out.transpose(-1, -2))):
+                dk[f][:, t0:t1] += unchunked(d, t1 - t0)
+            dv[:, t0:t1] += unchunked(K @ G_out[..., :-1], t1 - t0)
+            G = G + dG.sum(2)
+        dS0, dz0 = split_state(G) if S0 is not None else (None, None)
+        cast = [d.to(x.dtype) for d, x in zip(dq + dk, q + k)]
+        return (None, None, None, None, None, dv.to(v.dtype), dS0, dz0, *cast)
 
 
 def chunk_hadamard_attn(

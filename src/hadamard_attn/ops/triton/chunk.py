@@ -1,5 +1,5 @@
-"""Causal HLA in Triton, chunked: a state kernel that walks the chunks in order, an output kernel parallel over
-chunks.
+"""Causal HLA in Triton, chunked: a state kernel that walks the chunks in order, an output kernel and a
+gradient kernel parallel over chunks.
 
 Per sequence and head, chunks of ``C`` tokens (a chunk never crosses a sequence boundary; the last chunk of a
 sequence may be short and is masked). ``phi`` = row-major Khatri-Rao product of the factors, formed tile by tile
@@ -25,7 +25,15 @@ Numerics: the denominator never goes through a low-precision dot: ``rowsum(A_c)`
 element-wise reductions. ``A_c`` can exceed fp16's range (``R^P``), so each row is divided by its largest
 magnitude before the ``A_c V_c`` dot and multiplied back after it.
 
-Backward: the torch chunk path's (``hadamard_attn.ops.chunk.chunk_backward``), which needs only the inputs.
+Backward, with ``g = do / (den + eps)`` and ``w = -sum(do * o) / (den + eps)`` per token (``do`` and 0 without
+``normalize``): the states entering the chunks are recomputed (``chunk_state_kernel``), the gradients of the
+states leaving them come from the same kernel walking the chunks in reverse over ``phi(Q)^T [g | w]``
+(``dhs [NT, H, M, Dv]``, same cost as ``hs``), and ``chunk_bwd_kernel`` (parallel over chunks) forms
+
+    dA_c = tril(g_c V_c^T + w_c 1^T)  -> dq_f, dk_f through the P similarities,  dv_c = A_c^T g_c
+    dphi(Q_c) = g_c S_c^T + w_c z_c^T,  dphi(K_c) = V_c dS_c^T + 1 dz_c^T,  dv_c += phi(K_c) dS_c
+
+(``dS_c, dz_c``: the gradient of the state leaving chunk ``c``); factor gradients are fp32 atomics.
 """
 
 from __future__ import annotations
@@ -36,9 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..chunk import chunk_backward
 from .parallel import _configs
 from .utils import (
+    add_factor_grad,
     block_heuristics,
     dot_config,
     dot_dtype,
@@ -46,6 +54,7 @@ from .utils import (
     factor_block,
     interpreting,
     kr_tile,
+    kr_tile_grads,
     kr_tile_t,
     seq_bounds,
     sequences,
@@ -62,7 +71,7 @@ def default_chunk_size() -> int:
 
 @triton.autotune(
     configs=_configs((64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (32, 32, 4, 3), keys="BM BV"),
-    key=["R1", "R2", "R3", "DV", "P", "C", "HAS_INIT", "DOT"],
+    key=["R1", "R2", "R3", "DV", "P", "C", "HAS_INIT", "REVERSE", "DOT"],
 )
 @triton.heuristics({**block_heuristics(), "BV": lambda a: min(a["BV"], a["DV"])})
 @triton.jit(do_not_specialize=["T_SEQ"])
@@ -71,6 +80,7 @@ def chunk_state_kernel(
     x2,
     x3,
     v,
+    w,
     S0,
     z0,
     hs,
@@ -88,6 +98,7 @@ def chunk_state_kernel(
     P: tl.constexpr,
     C: tl.constexpr,
     HAS_INIT: tl.constexpr,
+    REVERSE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
@@ -99,9 +110,13 @@ def chunk_state_kernel(
     NM: tl.constexpr,
 ):
     """One state tile of one sequence and head through its chunks: ``hs[c], hz[c]`` = the state entering chunk
-    ``c``, then ``S, z`` = the final state (fp32 ``[N, H, M, DV]``, ``[N, H, M]``).
+    ``c``, then ``S, z`` = the final state (fp32 ``[N, H, M, DV]``, ``[N, H, M]``); the state starts at
+    ``S0, z0`` if ``HAS_INIT``, else 0.
 
-    ``x*``: key factors ``[TT, H, R_f]``; ``chunk_offsets [N]``: index of each sequence's first chunk (varlen).
+    Forward: ``x*`` key factors ``[TT, H, R_f]``, ``v`` values, ``z`` weights 1. ``REVERSE`` (the backward's
+    state gradient): chunks last to first, ``x*`` query factors, ``v`` = ``g [TT, H, DV]``, ``z`` weights
+    ``w [TT, H]`` (fp32): ``hs[c]`` is then the gradient of the state leaving chunk ``c``, ``S`` that of the
+    initial state. ``chunk_offsets [N]``: index of each sequence's first chunk (varlen).
     Grid: (M tiles * Dv tiles, N * H).
     """
     i_mv, i_nh = tl.program_id(0), tl.program_id(1)
@@ -124,8 +139,13 @@ def chunk_state_kernel(
     if HAS_INIT:
         b_s += tl.load(S0 + base * (M * DV) + o_m[:, None] * DV + o_v[None, :], mask=mask_m[:, None], other=0)
         b_z += tl.load(z0 + base * M + o_m, mask=mask_m, other=0)
-    for t0 in range(bos, eos, C):
-        i_c = (c0 + (t0 - bos) // C).to(tl.int64) * H + i_h
+    n_c = tl.cdiv(eos - bos, C)
+    for j in range(0, n_c):
+        i_cs = j  # chunk within the sequence
+        if REVERSE:
+            i_cs = n_c - 1 - j
+        t0 = bos + i_cs * C
+        i_c = (c0 + i_cs).to(tl.int64) * H + i_h
         tl.store(
             hs + i_c * (M * DV) + o_m[:, None] * DV + o_v[None, :], b_s.to(hs.dtype.element_ty), mask=mask_m[:, None]
         )
@@ -138,7 +158,10 @@ def chunk_state_kernel(
         # [C, BV]
         b_v = tl.load(v + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0)
         b_s += tl.dot(phi_t.to(DOT), b_v.to(DOT), input_precision=PREC)
-        b_z += tl.sum(phi_t, 1)
+        if REVERSE:
+            b_z += tl.sum(phi_t * tl.load(w + rows, mask=mask_t, other=0)[None, :], 1)
+        else:
+            b_z += tl.sum(phi_t, 1)
     tl.store(S + base * (M * DV) + o_m[:, None] * DV + o_v[None, :], b_s, mask=mask_m[:, None])
     tl.store(z + base * M + o_m, b_z, mask=mask_z)
 
@@ -149,6 +172,47 @@ def factor_similarity(x, y, rows, mask_t, R: tl.constexpr, RP: tl.constexpr, DOT
     a, _ = factor_block(x, rows, mask_t, 0, R, RP, RP > R)  # [C, RP]
     b, _ = factor_block(y, rows, mask_t, 0, R, RP, RP > R)  # [C, RP]
     return tl.dot(a.to(DOT), tl.trans(b.to(DOT)), input_precision=PREC)
+
+
+@triton.jit
+def row_scaled_dot(a, b, DOT: tl.constexpr, PREC: tl.constexpr):
+    """``a @ b`` with each row of ``a`` (fp32) divided by its largest magnitude before the cast to ``DOT`` and
+    multiplied back after: ``a`` may exceed fp16's range (a Hadamard block grows like ``R^P``)."""
+    big = tl.max(tl.abs(a), 1)
+    big = tl.where(big > 0, big, 1.0)
+    return tl.dot((a / big[:, None]).to(DOT), b.to(DOT), input_precision=PREC) * big[:, None]
+
+
+@triton.jit
+def hadamard_block(
+    x1,
+    x2,
+    x3,
+    y1,
+    y2,
+    y3,
+    rows,
+    o_t,
+    mask_t,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    R3: tl.constexpr,
+    RP1: tl.constexpr,
+    RP2: tl.constexpr,
+    RP3: tl.constexpr,
+    P: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The masked similarities of a chunk, ``s_f [C, C]`` fp32 (``s_1`` for missing factors)."""
+    s1 = factor_similarity(x1, y1, rows, mask_t, R1, RP1, DOT, PREC)
+    s1 = tl.where(o_t[:, None] >= o_t[None, :], s1, 0)
+    s2, s3 = s1, s1
+    if P >= 2:
+        s2 = factor_similarity(x2, y2, rows, mask_t, R2, RP2, DOT, PREC)
+    if P == 3:
+        s3 = factor_similarity(x3, y3, rows, mask_t, R3, RP3, DOT, PREC)
+    return s1, s2, s3
 
 
 @triton.autotune(
@@ -176,6 +240,7 @@ def chunk_output_kernel(
     hs,
     hz,
     o,
+    dens,
     cu_seqlens,
     chunk_seq,
     chunk_tok,
@@ -202,7 +267,8 @@ def chunk_output_kernel(
     RP2: tl.constexpr,
     RP3: tl.constexpr,
 ):
-    """``o_c = (A_c V_c + phi(Q_c) S_c) / (rowsum(A_c) + phi(Q_c) z_c + eps)`` for one chunk and Dv tile.
+    """``o_c = (A_c V_c + phi(Q_c) S_c) / (rowsum(A_c) + phi(Q_c) z_c + eps)`` for one chunk and Dv tile; the
+    denominators ``rowsum(A_c) + phi(Q_c) z_c`` go to ``dens [TT, H]`` (fp32, for the backward).
 
     ``x*, y*``: query and key factors ``[TT, H, R_f]``; ``hs, hz``: the states entering the chunks;
     ``chunk_seq, chunk_tok [NT]``: sequence and first token of each chunk (varlen). Grid: (NT, Dv tiles, H).
@@ -222,18 +288,16 @@ def chunk_output_kernel(
     mask_t = o_t < eos
     rows = o_t * H + i_h
     # intra-chunk: the masked Hadamard block, [C, C]
-    A = factor_similarity(x1, y1, rows, mask_t, R1, RP1, DOT, PREC)
+    s1, s2, s3 = hadamard_block(x1, x2, x3, y1, y2, y3, rows, o_t, mask_t, R1, R2, R3, RP1, RP2, RP3, P, DOT, PREC)
+    A = s1
     if P >= 2:
-        A *= factor_similarity(x2, y2, rows, mask_t, R2, RP2, DOT, PREC)
+        A *= s2
     if P == 3:
-        A *= factor_similarity(x3, y3, rows, mask_t, R3, RP3, DOT, PREC)
-    A = tl.where(o_t[:, None] >= o_t[None, :], A, 0)
+        A *= s3
     den = tl.sum(A, 1)  # [C]
-    big = tl.max(tl.abs(A), 1)
-    big = tl.where(big > 0, big, 1.0)  # [C]
     # [C, BV]
     b_v = tl.load(v + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0)
-    acc = tl.dot((A / big[:, None]).to(DOT), b_v.to(DOT), input_precision=PREC) * big[:, None]
+    acc = row_scaled_dot(A, b_v, DOT, PREC)
     # inter-chunk: the state entering the chunk
     base = (i_c.to(tl.int64) * H + i_h) * M
     for i_m in range(NM):
@@ -248,7 +312,165 @@ def chunk_output_kernel(
             den += tl.sum(phi * b_z[None, :], 1)
     if NORMALIZE:
         acc = acc / (den + eps)[:, None]
+        tl.store(dens + rows, den, mask=mask_t & (i_v == 0))
     tl.store(o + rows[:, None] * DV + o_v[None, :], acc.to(o.dtype.element_ty), mask=mask_t[:, None])
+
+
+@triton.jit
+def add_similarity_grads(
+    dx, dy, x, y, ds, rows, mask_t, R: tl.constexpr, RP: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
+):
+    """``dx += ds y``, ``dy += ds^T x`` for one factor of a chunk (``ds [C, C]`` fp32, the gradient of ``x y^T``)."""
+    a, o = factor_block(x, rows, mask_t, 0, R, RP, RP > R)  # [C, RP]
+    b, _ = factor_block(y, rows, mask_t, 0, R, RP, RP > R)
+    add_factor_grad(dx, rows, mask_t, o, row_scaled_dot(ds, b, DOT, PREC), R)
+    add_factor_grad(dy, rows, mask_t, o, row_scaled_dot(tl.trans(ds), a, DOT, PREC), R)
+
+
+@triton.jit
+def add_state_grads(
+    x1, x2, x3, dx1, dx2, dx3, rows, mask_t, G, w, hs, hz, base,
+    DV: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, P: tl.constexpr, C: tl.constexpr,
+    B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, NM: tl.constexpr, PREC: tl.constexpr, WANT_DV: tl.constexpr,
+):  # fmt: skip
+    """``dphi(x) = G hs^T + w hz^T`` over the M tiles -> ``dx_f`` (atomics); returns ``phi(x) hs`` ``[C, DV]`` fp32
+    if ``WANT_DV`` (else zeros). ``G [C, DV]`` fp32, ``w [C]``; ``hs, hz`` at offset ``base`` (``[M, DV]``, ``[M]``).
+    """
+    M: tl.constexpr = R1 * R2 * R3
+    BMA: tl.constexpr = B1 * B2 * B3
+    o_v = tl.arange(0, DV)
+    dv_acc = tl.zeros([C, DV], dtype=tl.float32)
+    for i_m in range(NM):
+        phi, a1, a2, a3, o1, o2, o3 = kr_tile(x1, x2, x3, rows, mask_t, i_m, C, R1, R2, R3, B1, B2, B3, P)
+        o_m = i_m * BMA + tl.arange(0, BMA)
+        mask_m = o_m < M
+        # [BMA, DV]
+        b_s = tl.load(hs + (base + o_m[:, None]) * DV + o_v[None, :], mask=mask_m[:, None], other=0)
+        b_z = tl.load(hz + base + o_m, mask=mask_m, other=0)
+        # [C, BMA]
+        dphi = tl.dot(G.to(b_s.dtype), tl.trans(b_s), input_precision=PREC) + w[:, None] * b_z[None, :]
+        g1, g2, g3 = kr_tile_grads(dphi, a1, a2, a3, C, B1, B2, B3, P)
+        add_factor_grad(dx1, rows, mask_t, o1, g1, R1)
+        if P >= 2:
+            add_factor_grad(dx2, rows, mask_t, o2, g2, R2)
+        if P == 3:
+            add_factor_grad(dx3, rows, mask_t, o3, g3, R3)
+        if WANT_DV:
+            dv_acc += tl.dot(phi.to(b_s.dtype), b_s, input_precision=PREC)
+    return dv_acc
+
+
+@triton.autotune(
+    configs=_configs((64, 4, 2), (32, 4, 3), (128, 8, 2), keys="BM"),
+    key=["R1", "R2", "R3", "DV", "P", "C", "DOT"],
+    reset_to_zero=["dq1", "dq2", "dq3", "dk1", "dk2", "dk3"],
+)
+@triton.heuristics(
+    {
+        **block_heuristics(),
+        "RP1": lambda a: max(a["R1"], 16),
+        "RP2": lambda a: max(a["R2"], 16),
+        "RP3": lambda a: max(a["R3"], 16),
+    }
+)
+@triton.jit(do_not_specialize=["T_SEQ"])
+def chunk_bwd_kernel(
+    x1,
+    x2,
+    x3,
+    y1,
+    y2,
+    y3,
+    v,
+    g,
+    w,
+    hs,
+    hz,
+    dhs,
+    dhz,
+    dq1,
+    dq2,
+    dq3,
+    dk1,
+    dk2,
+    dk3,
+    dv,
+    cu_seqlens,
+    chunk_seq,
+    chunk_tok,
+    T_SEQ,
+    H: tl.constexpr,
+    DV: tl.constexpr,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    R3: tl.constexpr,
+    P: tl.constexpr,
+    C: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+    BM: tl.constexpr,
+    B1: tl.constexpr,
+    B2: tl.constexpr,
+    B3: tl.constexpr,
+    NM: tl.constexpr,
+    RP1: tl.constexpr,
+    RP2: tl.constexpr,
+    RP3: tl.constexpr,
+):
+    """Gradients of one chunk, given ``g`` (d numerator, ``[TT, H, DV]`` fp32) and ``w`` (d denominator, ``[TT, H]``):
+
+        dA = tril(g V^T + w 1^T)  -> dq_f += (dA prod_{f' != f} s_f') K_f,  dk_f += (...)^T Q_f,  dv = A^T g
+        dphi(Q) = g hs_c^T + w hz_c^T                 (``hs_c``: the state entering the chunk)
+        dphi(K) = V dhs_c^T + 1 dhz_c^T,  dv += phi(K) dhs_c   (``dhs_c``: the gradient of the state leaving it)
+
+    ``dq*, dk*`` fp32 (atomics), ``dv`` in the input dtype. Grid: (NT, H).
+    """
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    M: tl.constexpr = R1 * R2 * R3
+    if IS_VARLEN:
+        i_n = tl.load(chunk_seq + i_c)
+        t0 = tl.load(chunk_tok + i_c)
+    else:
+        i_n = i_c // tl.cdiv(T_SEQ, C)
+        t0 = i_n * T_SEQ + (i_c % tl.cdiv(T_SEQ, C)) * C
+    _, eos = seq_bounds(cu_seqlens, i_n, T_SEQ, IS_VARLEN)
+    o_t = t0 + tl.arange(0, C)
+    o_v = tl.arange(0, DV)
+    mask_t = o_t < eos
+    rows = o_t * H + i_h
+    # [C, DV]
+    b_g = tl.load(g + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0)
+    b_v = tl.load(v + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0).to(tl.float32)
+    b_w = tl.load(w + rows, mask=mask_t, other=0)  # [C]
+    # intra-chunk
+    s1, s2, s3 = hadamard_block(x1, x2, x3, y1, y2, y3, rows, o_t, mask_t, R1, R2, R3, RP1, RP2, RP3, P, DOT, PREC)
+    dA = tl.dot(b_g.to(DOT), tl.trans(b_v.to(DOT)), input_precision=PREC) + b_w[:, None]
+    dA = tl.where(o_t[:, None] >= o_t[None, :], dA, 0)  # [C, C]
+    A = s1
+    if P == 1:
+        add_similarity_grads(dq1, dk1, x1, y1, dA, rows, mask_t, R1, RP1, DOT, PREC)
+    if P == 2:
+        A = s1 * s2
+        add_similarity_grads(dq1, dk1, x1, y1, dA * s2, rows, mask_t, R1, RP1, DOT, PREC)
+        add_similarity_grads(dq2, dk2, x2, y2, dA * s1, rows, mask_t, R2, RP2, DOT, PREC)
+    if P == 3:
+        A = s1 * s2 * s3
+        add_similarity_grads(dq1, dk1, x1, y1, dA * s2 * s3, rows, mask_t, R1, RP1, DOT, PREC)
+        add_similarity_grads(dq2, dk2, x2, y2, dA * s1 * s3, rows, mask_t, R2, RP2, DOT, PREC)
+        add_similarity_grads(dq3, dk3, x3, y3, dA * s1 * s2, rows, mask_t, R3, RP3, DOT, PREC)
+    b_dv = row_scaled_dot(tl.trans(A), b_g, DOT, PREC)  # [C, DV]
+    # inter-chunk
+    base = (i_c.to(tl.int64) * H + i_h) * M
+    add_state_grads(
+        x1, x2, x3, dq1, dq2, dq3, rows, mask_t, b_g, b_w, hs, hz, base,
+        DV, R1, R2, R3, P, C, B1, B2, B3, NM, PREC, False,
+    )  # fmt: skip
+    b_dv += add_state_grads(
+        y1, y2, y3, dk1, dk2, dk3, rows, mask_t, b_v, tl.full([C], 1.0, tl.float32), dhs, dhz, base,
+        DV, R1, R2, R3, P, C, B1, B2, B3, NM, PREC, True,
+    )  # fmt: skip
+    tl.store(dv + rows[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=mask_t[:, None])
 
 
 def _chunk_index(cu_seqlens: torch.Tensor | None, seqs, C: int, device):
@@ -273,6 +495,34 @@ def _states_dtype(dtype: torch.dtype) -> torch.dtype:
     return dot_dtype(dtype) if dtype == torch.bfloat16 else torch.float32
 
 
+def _factors3(x: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """P <= 3 tensors padded to three with the first (never read)."""
+    return (tuple(x) + (x[0],) * (3 - len(x)))[:3]
+
+
+def _chunk_states(x, v, w, S0, z0, seqs, index, C: int, reverse: bool, dtype: torch.dtype):
+    """``(hs, hz, S, z)``: the state at every chunk and the last one, for inputs of ``dtype``; see
+    ``chunk_state_kernel``."""
+    B, T, H, Dv = v.shape
+    NT, chunk_offsets, _, _ = index
+    M = math.prod(t.shape[-1] for t in x)
+    R1, R2, R3 = widths3(tuple(t.shape[-1] for t in x))
+    x1, x2, x3 = _factors3(x)
+    DOT, PREC = dot_config(dtype)
+    hs = empty((NT, H, M, Dv), _states_dtype(dtype), v.device)
+    hz = empty((NT, H, M), torch.float32, v.device)
+    S = empty((seqs.N, H, M, Dv), torch.float32, v.device)
+    z = empty((seqs.N, H, M), torch.float32, v.device)
+    has_init = S0 is not None
+    chunk_state_kernel[lambda meta: (meta["NM"] * triton.cdiv(Dv, meta["BV"]), seqs.N * H)](
+        x1, x2, x3, v, w if w is not None else v, S0 if has_init else S, z0 if has_init else z, hs, hz, S, z,
+        seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ,
+        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(x), C=C, HAS_INIT=has_init, REVERSE=reverse,
+        IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
+    )  # fmt: skip
+    return hs, hz, S, z
+
+
 @torch.library.custom_op("hadamard_attn::chunk_fwd", mutates_args=())
 def chunk_fwd(
     q: list[torch.Tensor],
@@ -284,40 +534,30 @@ def chunk_fwd(
     normalize: bool,
     eps: float,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Causal forward: ``(o [B, T, H, Dv], S [N, H, M, Dv], z [N, H, M])``, the state in fp32."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal forward: ``(o [B, T, H, Dv], S [N, H, M, Dv], z [N, H, M], den [B * T, H])``, the state in fp32;
+    ``den`` (with ``normalize``) is for the backward."""
     q = tuple(x.contiguous() for x in q)
     k = tuple(x.contiguous() for x in k)
     v = v.contiguous()
     B, T, H, Dv = v.shape
     C = chunk_size
-    M = math.prod(x.shape[-1] for x in q)
-    R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
-    P = len(q)
-    q1, q2, q3 = (q + (q[0],) * (3 - P))[:3]
-    k1, k2, k3 = (k + (k[0],) * (3 - P))[:3]
-    DOT, PREC = dot_config(v.dtype)
     seqs = sequences(cu_seqlens, B, T, v.device)
-    NT, chunk_offsets, chunk_seq, chunk_tok = _chunk_index(cu_seqlens, seqs, C, v.device)
-    hs = empty((NT, H, M, Dv), _states_dtype(v.dtype), v.device)
-    hz = empty((NT, H, M), torch.float32, v.device)
-    S = empty((seqs.N, H, M, Dv), torch.float32, v.device)
-    z = empty((seqs.N, H, M), torch.float32, v.device)
-    has_init = S0 is not None
-    S0 = S0.float().contiguous() if has_init else S
-    z0 = z0.float().contiguous() if has_init else z
-    chunk_state_kernel[lambda meta: (meta["NM"] * triton.cdiv(Dv, meta["BV"]), seqs.N * H)](
-        k1, k2, k3, v, S0, z0, hs, hz, S, z, seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ,
-        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=P, C=C, HAS_INIT=has_init, IS_VARLEN=seqs.IS_VARLEN,
-        DOT=DOT, PREC=PREC,
-    )  # fmt: skip
+    index = _chunk_index(cu_seqlens, seqs, C, v.device)
+    S0 = None if S0 is None else S0.float().contiguous()
+    z0 = None if z0 is None else z0.float().contiguous()
+    hs, hz, S, z = _chunk_states(k, v, None, S0, z0, seqs, index, C, False, v.dtype)
     o = empty(v.shape, v.dtype, v.device)
+    den = empty((B * T, H), torch.float32, v.device)
+    R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
+    DOT, PREC = dot_config(v.dtype)
+    NT, _, chunk_seq, chunk_tok = index
     chunk_output_kernel[lambda meta: (NT, triton.cdiv(Dv, meta["BV"]), H)](
-        q1, q2, q3, k1, k2, k3, v, hs, hz, o, seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps,
-        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=P, C=C, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
+        *_factors3(q), *_factors3(k), v, hs, hz, o, den, seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps,
+        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
         DOT=DOT, PREC=PREC,
     )  # fmt: skip
-    return o, S, z
+    return o, S, z, den
 
 
 @chunk_fwd.register_fake
@@ -325,7 +565,13 @@ def _(q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size):
     B, T, H, Dv = v.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     M = math.prod(x.shape[-1] for x in q)
-    return torch.empty_like(v), v.new_empty(N, H, M, Dv, dtype=torch.float32), v.new_empty(N, H, M, dtype=torch.float32)
+    f32 = dict(dtype=torch.float32)
+    return (
+        torch.empty_like(v),
+        v.new_empty(N, H, M, Dv, **f32),
+        v.new_empty(N, H, M, **f32),
+        v.new_empty(B * T, H, **f32),
+    )
 
 
 @torch.library.custom_op("hadamard_attn::chunk_bwd", mutates_args=())
@@ -333,6 +579,8 @@ def chunk_bwd(
     q: list[torch.Tensor],
     k: list[torch.Tensor],
     v: torch.Tensor,
+    o: torch.Tensor,
+    den: torch.Tensor,
     S0: torch.Tensor | None,
     z0: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
@@ -341,30 +589,53 @@ def chunk_bwd(
     dz: torch.Tensor,
     normalize: bool,
     eps: float,
+    chunk_size: int,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Causal backward from the inputs alone: ``(dq, dk, dv, dS0, dz0)`` by the torch chunk path's backward, one
-    sequence at a time with ``cu_seqlens``; ``dS0, dz0`` empty without ``S0``."""
-    bounds = [0, v.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
-    parts = []
-    for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-        sl = slice(None) if cu_seqlens is None else slice(n, n + 1)  # this sequence's states (all B rows if dense)
-        parts.append(
-            chunk_backward(
-                tuple(x[:, s:e] for x in q), tuple(x[:, s:e] for x in k), v[:, s:e],
-                None if S0 is None else S0[sl], None if z0 is None else z0[sl],
-                do[:, s:e], dS[sl], dz[sl], normalize, eps,
-            )
-        )  # fmt: skip
-    dq = [torch.cat(d, 1) for d in zip(*(p[0] for p in parts))]
-    dk = [torch.cat(d, 1) for d in zip(*(p[1] for p in parts))]
-    dv = torch.cat([p[2] for p in parts], 1)
+    """Causal backward: ``(dq, dk, dv, dS0, dz0)`` (``dS0, dz0`` fp32, empty without ``S0``).
+
+    The states entering the chunks are recomputed (``chunk_state_kernel``); the gradients of the states leaving
+    them come from the same kernel run in reverse over the queries; ``chunk_bwd_kernel`` does the rest.
+    """
+    q = tuple(x.contiguous() for x in q)
+    k = tuple(x.contiguous() for x in k)
+    v = v.contiguous()
+    B, T, H, Dv = v.shape
+    C = chunk_size
+    seqs = sequences(cu_seqlens, B, T, v.device)
+    index = _chunk_index(cu_seqlens, seqs, C, v.device)
+    S0 = None if S0 is None else S0.float().contiguous()
+    z0 = None if z0 is None else z0.float().contiguous()
+    # d numerator and d denominator per token: g [B, T, H, Dv], w [B, T, H] (fp32)
+    g = do.float()
+    if normalize:
+        inv = 1.0 / (den.view(B, T, H) + eps)
+        w = -(g * o.float()).sum(-1) * inv
+        g = g * inv[..., None]
+    else:
+        w = torch.zeros(B, T, H, dtype=torch.float32, device=v.device)
+    g = g.contiguous()
+    hs, hz, _, _ = _chunk_states(k, v, None, S0, z0, seqs, index, C, False, v.dtype)
+    dhs, dhz, dS0, dz0 = _chunk_states(
+        q, g, w, dS.float().contiguous(), dz.float().contiguous(), seqs, index, C, True, v.dtype
+    )
+    dq = [torch.zeros(x.shape, dtype=torch.float32, device=v.device) for x in q]
+    dk = [torch.zeros(x.shape, dtype=torch.float32, device=v.device) for x in k]
+    dv = empty(v.shape, v.dtype, v.device)
+    R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
+    DOT, PREC = dot_config(v.dtype)
+    NT, _, chunk_seq, chunk_tok = index
+    chunk_bwd_kernel[(NT, H)](
+        *_factors3(q), *_factors3(k), v, g, w, hs, hz, dhs, dhz, *_factors3(dq), *_factors3(dk), dv,
+        seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ,
+        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
+    )  # fmt: skip
     if S0 is None:
-        return dq, dk, dv, v.new_empty(0, dtype=torch.float32), v.new_empty(0, dtype=torch.float32)
-    return dq, dk, dv, torch.cat([p[3] for p in parts]), torch.cat([p[4] for p in parts])
+        dS0, dz0 = v.new_empty(0, dtype=torch.float32), v.new_empty(0, dtype=torch.float32)
+    return [d.to(x.dtype) for d, x in zip(dq, q)], [d.to(x.dtype) for d, x in zip(dk, k)], dv, dS0, dz0
 
 
 @chunk_bwd.register_fake
-def _(q, k, v, S0, z0, cu_seqlens, do, dS, dz, normalize, eps):
+def _(q, k, v, o, den, S0, z0, cu_seqlens, do, dS, dz, normalize, eps, chunk_size):
     f32 = dict(dtype=torch.float32)
     return (
         [torch.empty_like(x) for x in q],
@@ -376,21 +647,24 @@ def _(q, k, v, S0, z0, cu_seqlens, do, dS, dz, normalize, eps):
 
 
 class ChunkHLATriton(torch.autograd.Function):
-    """The Triton forward and the torch backward, as the custom ops ``hadamard_attn::chunk_fwd`` / ``chunk_bwd``
-    (no graph break under ``torch.compile``)."""
+    """Autograd around the custom ops ``hadamard_attn::chunk_fwd`` / ``chunk_bwd`` (no graph break under
+    ``torch.compile``)."""
 
     @staticmethod
     def forward(ctx, P, normalize, eps, chunk_size, cu_seqlens, v, S0, z0, *factors):
-        o, S, z = chunk_fwd(list(factors[:P]), list(factors[P:]), v, S0, z0, cu_seqlens, normalize, eps, chunk_size)
-        ctx.save_for_backward(v, S0, z0, cu_seqlens, *factors)
-        ctx.cfg = (P, normalize, eps)
+        q, k = list(factors[:P]), list(factors[P:])
+        o, S, z, den = chunk_fwd(q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size)
+        ctx.save_for_backward(v, o, den, S0, z0, cu_seqlens, *factors)
+        ctx.cfg = (P, normalize, eps, chunk_size)
         return o, S, z
 
     @staticmethod
     def backward(ctx, do, dS, dz):
-        P, normalize, eps = ctx.cfg
-        v, S0, z0, cu_seqlens, *factors = ctx.saved_tensors
-        dq, dk, dv, dS0, dz0 = chunk_bwd(factors[:P], factors[P:], v, S0, z0, cu_seqlens, do, dS, dz, normalize, eps)
+        P, normalize, eps, C = ctx.cfg
+        v, o, den, S0, z0, cu_seqlens, *factors = ctx.saved_tensors
+        dq, dk, dv, dS0, dz0 = chunk_bwd(
+            factors[:P], factors[P:], v, o, den, S0, z0, cu_seqlens, do, dS, dz, normalize, eps, C
+        )
         if S0 is None:
             dS0 = dz0 = None
         return None, None, None, None, None, dv, dS0, dz0, *dq, *dk

@@ -282,7 +282,7 @@ def chunk_output_kernel(
     else:
         i_n = i_c // tl.cdiv(T_SEQ, C)
         t0 = i_n * T_SEQ + (i_c % tl.cdiv(T_SEQ, C)) * C
-    _, eos = seq_bounds(cu_seqlens, i_n, T_SEQ, IS_VARLEN)
+    eos = seq_bounds(cu_seqlens, i_n, T_SEQ, IS_VARLEN)[1]
     o_t = t0 + tl.arange(0, C)
     o_v = i_v * BV + tl.arange(0, BV)
     mask_t = o_t < eos
@@ -361,7 +361,7 @@ def add_state_grads(
 
 
 @triton.autotune(
-    configs=_configs((64, 4, 2), (32, 4, 3), (128, 8, 2), keys="BM"),
+    configs=_configs((64, 4, 2), (32, 4, 3), (128, 8, 2), (32, 4, 1), keys="BM"),
     key=["R1", "R2", "R3", "DV", "P", "C", "DOT"],
     reset_to_zero=["dq1", "dq2", "dq3", "dk1", "dk2", "dk3"],
 )
@@ -434,7 +434,7 @@ def chunk_bwd_kernel(
     else:
         i_n = i_c // tl.cdiv(T_SEQ, C)
         t0 = i_n * T_SEQ + (i_c % tl.cdiv(T_SEQ, C)) * C
-    _, eos = seq_bounds(cu_seqlens, i_n, T_SEQ, IS_VARLEN)
+    eos = seq_bounds(cu_seqlens, i_n, T_SEQ, IS_VARLEN)[1]
     o_t = t0 + tl.arange(0, C)
     o_v = tl.arange(0, DV)
     mask_t = o_t < eos

@@ -39,7 +39,14 @@ from hadamard_attn.ops.triton import parallel as tp
 DEV = "cuda"
 CHUNK = 64  # the causal kernels' chunk (tc.default_chunk_size() on the GPU), for the FLOP count
 FLA_K = 128  # fla's feature size in the causal comparison (Wan2.1's head dim)
-KERNELS = (tp.state_kernel, tp.readout_kernel, tp.token_bwd_kernel, tc.chunk_state_kernel, tc.chunk_output_kernel)
+KERNELS = (
+    tp.state_kernel,
+    tp.readout_kernel,
+    tp.token_bwd_kernel,
+    tc.chunk_state_kernel,
+    tc.chunk_output_kernel,
+    tc.chunk_bwd_kernel,
+)
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 

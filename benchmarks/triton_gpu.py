@@ -58,11 +58,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def make(B, T, H, widths, Dv, dtype, init=False, N=None, grad=True):
-    """Non-negative factors (each row sums to about 1), random values, optional initial state."""
+def make(B, T, H, widths, Dv, dtype, init=False, N=None, grad=True, pad=0):
+    """Non-negative factors (each row sums to about 1), random values, optional initial state; ``pad``: the
+    first ``pad`` tokens of the last row are left padding (zero keys and values, as the transformers layers pass)."""
     q = [torch.rand(B, T, H, r, device=DEV).div(r / 2).to(dtype) for r in widths]
     k = [torch.rand(B, T, H, r, device=DEV).div(r / 2).to(dtype) for r in widths]
     v = torch.randn(B, T, H, Dv, device=DEV, dtype=dtype)
+    if pad:
+        for x in (*k, v):
+            x[-1, :pad] = 0
     M = math.prod(widths)
     st = None
     if init:
@@ -78,15 +82,19 @@ def poisoned(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def check_one(widths, Dv, dtype, B, T, H, normalize=True, init=False, cu=None, ref="naive", causal=False):
+def check_one(widths, Dv, dtype, B, T, H, normalize=True, init=False, cu=None, ref="naive", causal=False, pad=0):
     P = len(widths)
     cu_t = None if cu is None else torch.tensor(cu, device=DEV, dtype=torch.int32)
     N = B if cu is None else len(cu) - 1
-    q, k, v, st, leaves = make(B, T, H, widths, Dv, dtype, init, N)
+    q, k, v, st, leaves = make(B, T, H, widths, Dv, dtype, init, N, pad=pad)
     saved = tp.empty, tc.empty
-    tp.empty = tc.empty = poisoned
+    tp.empty = tc.empty = poisoned  # an output element a kernel never writes stays NaN
     try:
         o, s = hla_triton.triton_hadamard_attn(tuple(q), tuple(k), v, causal, normalize, 1e-6, st, True, cu_t)
+        tp.empty = saved[0]  # the causal backward's outputs poisoned too (the non-causal one's as before: not)
+        go, gs, gz = torch.randn_like(o), torch.randn_like(s[0]), torch.randn_like(s[1])
+        g1 = torch.autograd.grad((o * go).sum() + (s[0] * gs).sum() + (s[1] * gz).sum(), leaves)
+        torch.cuda.synchronize()  # a fault shows here, in this case
     finally:
         tp.empty, tc.empty = saved
     d = [x.detach().double().requires_grad_(True) for x in leaves]
@@ -99,17 +107,20 @@ def check_one(widths, Dv, dtype, B, T, H, normalize=True, init=False, cu=None, r
         o2, s2 = chunk_hadamard_attn(*args, normalize, 1e-6, init_d, True)
     else:
         o2, s2 = parallel_hadamard_attn(*args, normalize, 1e-6, init_d, True)
-    go, gs, gz = torch.randn_like(o), torch.randn_like(s[0]), torch.randn_like(s[1])
-    g1 = torch.autograd.grad((o * go).sum() + (s[0] * gs).sum() + (s[1] * gz).sum(), leaves)
     g2 = torch.autograd.grad((o2 * go.double()).sum() + (s2[0] * gs.double()).sum() + (s2[1] * gz.double()).sum(), d)
     errs = [rel(o, o2), rel(s[0], s2[0]), rel(s[1], s2[1])] + [rel(a, b) for a, b in zip(g1, g2)]
-    finite = all(torch.isfinite(t).all().item() for t in (o, *s, *g1))
-    ok = finite and max(errs) < TOL[dtype] * 2
+    names = ["o", "S", "z"] + [f"d{n}" for n in [f"q{f}" for f in range(P)] + [f"k{f}" for f in range(P)] + ["v"]]
+    names += ["dS0", "dz0"] if init else []
+    bad = [n for n, t in zip(names, (o, *s, *g1)) if not torch.isfinite(t).all().item()]
+    finite = not bad
+    ok = finite and all(e < TOL[dtype] * 2 for e in errs)  # (max() would skip a NaN after the first element)
     name = f"{'x'.join(map(str, widths))} Dv={Dv} {str(dtype)[6:]} B={B} T={T} H={H} norm={normalize} init={init}"
     name = ("causal " if causal else "") + name
     name += f" cu={cu}" if cu else ""
+    name += f" pad={pad}" if pad else ""
     fwd = f"o/S/z {errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e}"
-    log(f"  {'ok ' if ok else 'BAD'} {name}: {fwd} grads max {max(errs[3:]):.1e}")
+    grads = " ".join(f"{n} {e:.1e}" for n, e in zip(names[3:], errs[3:]))
+    log(f"  {'ok ' if ok else 'BAD'} {name}: {fwd} grads {grads}" + (f" NOT FINITE: {bad}" if bad else ""))
     return ok
 
 
@@ -132,9 +143,12 @@ def check(large: bool, causal: bool = False) -> bool:
         ((16, 16), 128, fp16, 1, 3000, 3, False, False, [0, 1200, 3000]),
     ]
     ok = True
-    log("check: Triton vs float64 reference (rel. RMS error; forward o/S/z, max over gradients)")
+    log("check: Triton vs float64 reference (rel. RMS error; forward o/S/z, then each gradient)")
     for c in cases:
         ok &= check_one(*c, causal=causal)
+    # a transformers prefill: B = 2, T = 4 chunks of 64 exactly, the last row left-padded (zero keys and values)
+    for dtype in (fp32, bf16, fp16):
+        ok &= check_one((16, 16), 64, dtype, 2, 256, 8, True, False, None, causal=causal, pad=100)
     if large:
         big = "chunk" if causal else "parallel"  # the float64 torch path of the same mode
         ok &= check_one((32, 32), 128, torch.bfloat16, 1, 32760, 12, True, False, None, ref=big, causal=causal)

@@ -40,23 +40,26 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def make(B, T, H, widths, Dv, N, init, seed=0, dtype=torch.float32):
+def make(B, T, H, widths, Dv, N, init, seed=0, dtype=torch.float32, real=None):
     g = torch.Generator().manual_seed(seed)
     q = [torch.rand(B, T, H, r, generator=g) for r in widths]
     k = [torch.rand(B, T, H, r, generator=g) for r in widths]
     v = torch.randn(B, T, H, Dv, generator=g)
+    if real is not None:  # padding tokens ([B, T] False): zero keys and values, as the transformers layers pass them
+        k = [torch.where(real[:, :, None, None], x, 0) for x in k]
+        v = torch.where(real[:, :, None, None], v, 0)
     M = math.prod(widths)
     st = [torch.rand(N, H, M, Dv, generator=g), torch.rand(N, H, M, generator=g)] if init else []
     xs = [x.to(DEVICE, dtype).requires_grad_(True) for x in [*q, *k, v]]
     return xs + [x.to(DEVICE).requires_grad_(True) for x in st]
 
 
-def check(hla, widths, Dv, B, T, H, normalize, init, cu_seqlens=None, tol=1e-5):
+def check(hla, widths, Dv, B, T, H, normalize, init, cu_seqlens=None, tol=1e-5, real=None):
     """Triton (fp32) vs naive (fp64), causal: output, final state, and the gradients of all inputs through both."""
     P = len(widths)
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
     cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=DEVICE)
-    leaves = make(B, T, H, widths, Dv, N, init)
+    leaves = make(B, T, H, widths, Dv, N, init, real=real)
     ref = [x.detach().double().requires_grad_(True) for x in leaves]
 
     def run(fn, xs):
@@ -195,3 +198,169 @@ def test_chunk_torch_compile_fullgraph(hla):
     (gw,) = torch.autograd.grad(y.square().sum(), [w])
     (gw_ref,) = torch.autograd.grad(y_ref.square().sum(), [w])
     assert rel(gw, gw_ref) < 1e-5
+
+
+# --- the GPU's parameters under the interpreter: chunks of 64 tokens and each kernel's GPU autotune configs
+
+
+@pytest.fixture
+def gpu_chunk(hla, monkeypatch):
+    """Chunks of 64 (the GPU's), each chunk kernel limited to one of its GPU configs (``set(i)``, default the
+    first, which ``benchmarks/triton_gpu.py`` checks), and, under the interpreter, every load, store and atomic
+    checked to stay inside one kernel argument (the interpreter does not fault on out-of-bounds addresses)."""
+    chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
+    monkeypatch.setattr(chunk, "default_chunk_size", lambda: 64)
+    kernels = (chunk.chunk_state_kernel, chunk.chunk_output_kernel, chunk.chunk_bwd_kernel)
+    saved = [(kern.configs, kern.cache) for kern in kernels]
+
+    def set_configs(i=0):
+        for kern in kernels:
+            kern.configs, kern.cache = chunk.gpu_configs(kern, i), {}
+
+    set_configs()
+    if DEVICE == "cpu":
+        _check_bounds(monkeypatch)
+    yield set_configs
+    for kern, (configs, _) in zip(kernels, saved):
+        kern.configs, kern.cache = configs, {}
+
+
+def _check_bounds(monkeypatch):
+    interp = pytest.importorskip("triton.runtime.interpreter")
+    np = pytest.importorskip("numpy")
+    builder, executor = interp.InterpreterBuilder, interp.GridExecutor
+    ranges = []
+    init_args = executor._init_args_hst
+
+    def init(self, args_dev, kwargs):
+        ranges[:] = [
+            (a.untyped_storage().data_ptr(), a.untyped_storage().data_ptr() + a.untyped_storage().nbytes())
+            for a in (*args_dev, *kwargs.values())
+            if isinstance(a, torch.Tensor)
+        ]
+        return init_args(self, args_dev, kwargs)
+
+    def check(ptrs, mask, itemsize, what):
+        p = ptrs.data if mask is None else ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)]
+        if p.size:
+            lo, hi = int(p.min()), int(p.max()) + itemsize
+            assert any(s <= lo and hi <= e for s, e in ranges), f"out-of-bounds {what}: [{lo}, {hi})"
+
+    load, store, rmw = builder.create_masked_load, builder.create_masked_store, builder.create_atomic_rmw
+
+    def masked_load(self, ptrs, mask, other, *args):
+        check(ptrs, mask, np.dtype(interp._get_np_dtype(ptrs.get_element_ty())).itemsize, "load")
+        return load(self, ptrs, mask, other, *args)
+
+    def masked_store(self, ptrs, value, mask, *args):
+        check(ptrs, mask, value.data.dtype.itemsize, "store")
+        return store(self, ptrs, value, mask, *args)
+
+    def atomic_rmw(self, op, ptrs, value, mask, *args):
+        check(ptrs, mask, value.data.dtype.itemsize, "atomic")
+        return rmw(self, op, ptrs, value, mask, *args)
+
+    monkeypatch.setattr(executor, "_init_args_hst", init)
+    monkeypatch.setattr(builder, "create_masked_load", masked_load)
+    monkeypatch.setattr(builder, "create_masked_store", masked_store)
+    monkeypatch.setattr(builder, "create_atomic_rmw", atomic_rmw)
+
+
+def test_bounds_checker_catches(hla, gpu_chunk):
+    """The bounds check of ``gpu_chunk`` does fire on an out-of-bounds load (so a silent pass means something)."""
+    if DEVICE != "cpu":
+        pytest.skip("interpreter only")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def shifted_copy(x, y, n):
+        o = tl.arange(0, 16)
+        tl.store(y + o, tl.load(x + o + n))
+
+    x, y = torch.zeros(16), torch.zeros(16)
+    shifted_copy[(1,)](x, y, 0)
+    with pytest.raises(Exception, match="out-of-bounds load"):  # the interpreter wraps the AssertionError
+        shifted_copy[(1,)](x, y, 1)
+
+
+def test_chunk64_narrow_factor(hla, gpu_chunk):
+    # the GPU's NaN case, smaller: widths (64, 4) (factor 2 padded to 16 in the similarities, factor blocks of 4
+    # in the Khatri-Rao tiles), Dv = 128 in two Dv tiles, T = 2 chunks exactly, normalize, no initial state
+    check(hla, (64, 4), 128, 1, 128, 2, True, False)
+
+
+def test_chunk64_varlen_ragged(hla, gpu_chunk):
+    # the GPU's illegal-memory-access case, smaller: (16, 16), Dv = 128, normalize=False, two packed sequences
+    # of 2 and 3 chunks whose last chunks are short (the rows beyond each sequence's end are masked)
+    check(hla, (16, 16), 128, 1, 200, 2, False, False, cu_seqlens=[0, 70, 200])
+
+
+def test_chunk64_left_padding_final_state(hla, gpu_chunk):
+    # the GPU's wrong-final-state case (a transformers prefill), smaller: B = 2, T = 4 chunks exactly, row 1
+    # left-padded over a whole chunk and part of the next (zero keys and values), the final state and gradients
+    real = torch.ones(2, 256, dtype=torch.bool)
+    real[1, :100] = False
+    check(hla, (16, 16), 64, 2, 256, 2, True, False, real=real.to(DEVICE))
+
+
+@pytest.mark.parametrize("config", [0, 1, 2, 3])
+def test_chunk64_every_config(hla, gpu_chunk, config):
+    # each of the GPU's autotune configs of the three kernels: B = 2 with an initial state, T = 2 chunks exactly
+    gpu_chunk(config)
+    check(hla, (4, 8), 32, 2, 128, 2, True, True)
+
+
+@pytest.fixture
+def gpu_dtypes(hla, monkeypatch):
+    """The GPU's 16-bit paths under the interpreter: ``tl.dot`` operands and per-chunk states in the input dtype
+    (bf16 states for bf16 inputs), the interpreter's dot reading bf16/fp16 operands exactly (fp32 products)."""
+    if DEVICE != "cpu":
+        return
+    interp = pytest.importorskip("triton.runtime.interpreter")
+    import numpy as np
+    import triton.language as tl
+
+    chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
+    dts = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+    monkeypatch.setattr(chunk, "dot_dtype", lambda dtype: dtype)
+    monkeypatch.setattr(chunk, "dot_config", lambda dtype: (dts[dtype], "ieee"))
+    dot = interp.InterpreterBuilder.create_dot
+
+    def exact(h):
+        if h.dtype.scalar == tl.bfloat16:
+            data = interp._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            return interp.TensorHandle(data, tl.float32)
+        if h.dtype.scalar == tl.float16:
+            return interp.TensorHandle(h.data.astype(np.float32), tl.float32)
+        return h
+
+    def create_dot(self, a, b, *args):
+        return dot(self, exact(a), exact(b), *args)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", create_dot)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunk64_half_gpu_dtypes(hla, gpu_chunk, gpu_dtypes, dtype):
+    """The (64, 4) GPU case in 16 bits as the GPU runs it (16-bit dots, bf16 states): finite, close to float64."""
+    P, real = 2, torch.ones(1, 128, dtype=torch.bool)
+    real[0, :40] = False  # zero keys and values: all-zero rows and columns in the intra-chunk blocks
+    leaves = make(1, 128, 2, (64, 4), 128, 1, False, dtype=dtype, real=real)
+    ref = [x.detach().double().requires_grad_(True) for x in leaves]
+
+    def run(fn, t):
+        return fn(tuple(t[:P]), tuple(t[P : 2 * P]), t[2 * P], True, True, 1e-6, None, True, None)
+
+    o, (S, z) = run(hla.triton_hadamard_attn, leaves)
+    o_ref, (S_ref, z_ref) = run(naive_hadamard_attn, ref)
+    g = torch.Generator().manual_seed(1)
+    do, dS, dz = (torch.randn(t.shape, generator=g).to(DEVICE) for t in (o, S, z))
+    grads = torch.autograd.grad((o.float() * do).sum() + (S * dS).sum() + (z * dz).sum(), leaves)
+    grads_ref = torch.autograd.grad(
+        (o_ref * do.double()).sum() + (S_ref * dS.double()).sum() + (z_ref * dz.double()).sum(), ref
+    )
+    names = ["o", "S", "z", "dq0", "dq1", "dk0", "dk1", "dv"]
+    for name, a, b in zip(names, (o, S, z, *grads), (o_ref, S_ref, z_ref, *grads_ref)):
+        assert a.isfinite().all(), f"{name} not finite"
+        assert rel(a, b) < 3e-2, f"{name}: {rel(a, b):.2e}"

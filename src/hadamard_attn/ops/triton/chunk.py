@@ -64,13 +64,31 @@ from .utils import (
 State = tuple[torch.Tensor, torch.Tensor]
 
 
+# autotuning candidates (block sizes, num_warps, num_stages); the GPU's first one is what a check with
+# ``kern.configs[:1]`` runs, and what the interpreter tests also run (``gpu_configs``)
+STATE_CONFIGS = ((64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (32, 32, 4, 3))  # BM BV
+OUTPUT_CONFIGS = ((64, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2), (32, 64, 4, 3))  # BM BV
+BWD_CONFIGS = ((64, 4, 2), (32, 4, 3), (128, 8, 2), (32, 4, 1))  # BM
+
+
+def gpu_configs(kern, i: int = 0) -> list[triton.Config]:
+    """``[config i]`` of a chunk kernel's GPU candidates, as a ``configs`` list (also under the interpreter)."""
+    table, keys = {
+        "chunk_state_kernel": (STATE_CONFIGS, "BM BV"),
+        "chunk_output_kernel": (OUTPUT_CONFIGS, "BM BV"),
+        "chunk_bwd_kernel": (BWD_CONFIGS, "BM"),
+    }[kern.base_fn.__name__]
+    c = table[i]
+    return [triton.Config(dict(zip(keys.split(), c[:-2])), num_warps=c[-2], num_stages=c[-1])]
+
+
 def default_chunk_size() -> int:
     """Tokens per chunk: 64 on the GPU; 16 under the interpreter (tiny tests still span several chunks)."""
     return 16 if interpreting() else 64
 
 
 @triton.autotune(
-    configs=_configs((64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (32, 32, 4, 3), keys="BM BV"),
+    configs=_configs(*STATE_CONFIGS, keys="BM BV"),
     key=["R1", "R2", "R3", "DV", "P", "C", "HAS_INIT", "REVERSE", "DOT"],
 )
 @triton.heuristics({**block_heuristics(), "BV": lambda a: min(a["BV"], a["DV"])})
@@ -157,7 +175,13 @@ def chunk_state_kernel(
         phi_t = kr_tile_t(x1, x2, x3, rows, mask_t, i_m, C, R1, R2, R3, B1, B2, B3, P)
         # [C, BV]
         b_v = tl.load(v + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0)
-        b_s += tl.dot(phi_t.to(DOT), b_v.to(DOT), input_precision=PREC)
+        if REVERSE and DOT == tl.float16:
+            # g = do / (den + eps) reaches do / eps on a query with no keys (padding): beyond fp16's range, so
+            # each token's row of g is divided by its largest magnitude (carried by phi, whose rows are rescaled)
+            big = row_max(b_v)
+            b_s += row_scaled_dot(phi_t * big[None, :], b_v / big[:, None], DOT, PREC)
+        else:
+            b_s += tl.dot(phi_t.to(DOT), b_v.to(DOT), input_precision=PREC)
         if REVERSE:
             b_z += tl.sum(phi_t * tl.load(w + rows, mask=mask_t, other=0)[None, :], 1)
         else:
@@ -175,11 +199,17 @@ def factor_similarity(x, y, rows, mask_t, R: tl.constexpr, RP: tl.constexpr, DOT
 
 
 @triton.jit
+def row_max(a):
+    """Largest magnitude of each row of ``a`` (fp32), 1 for a zero row."""
+    big = tl.max(tl.abs(a), 1)
+    return tl.where(big > 0, big, 1.0)
+
+
+@triton.jit
 def row_scaled_dot(a, b, DOT: tl.constexpr, PREC: tl.constexpr):
     """``a @ b`` with each row of ``a`` (fp32) divided by its largest magnitude before the cast to ``DOT`` and
     multiplied back after: ``a`` may exceed fp16's range (a Hadamard block grows like ``R^P``)."""
-    big = tl.max(tl.abs(a), 1)
-    big = tl.where(big > 0, big, 1.0)
+    big = row_max(a)
     return tl.dot((a / big[:, None]).to(DOT), b.to(DOT), input_precision=PREC) * big[:, None]
 
 
@@ -216,7 +246,7 @@ def hadamard_block(
 
 
 @triton.autotune(
-    configs=_configs((64, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2), (32, 64, 4, 3), keys="BM BV"),
+    configs=_configs(*OUTPUT_CONFIGS, keys="BM BV"),
     key=["R1", "R2", "R3", "DV", "P", "C", "NORMALIZE", "DOT"],
 )
 @triton.heuristics(
@@ -361,7 +391,7 @@ def add_state_grads(
 
 
 @triton.autotune(
-    configs=_configs((64, 4, 2), (32, 4, 3), (128, 8, 2), (32, 4, 1), keys="BM"),
+    configs=_configs(*BWD_CONFIGS, keys="BM"),
     key=["R1", "R2", "R3", "DV", "P", "C", "DOT"],
     reset_to_zero=["dq1", "dq2", "dq3", "dk1", "dk2", "dk3"],
 )
@@ -445,7 +475,15 @@ def chunk_bwd_kernel(
     b_w = tl.load(w + rows, mask=mask_t, other=0)  # [C]
     # intra-chunk
     s1, s2, s3 = hadamard_block(x1, x2, x3, y1, y2, y3, rows, o_t, mask_t, R1, R2, R3, RP1, RP2, RP3, P, DOT, PREC)
-    dA = tl.dot(b_g.to(DOT), tl.trans(b_v.to(DOT)), input_precision=PREC) + b_w[:, None]
+    # g = do / (den + eps) reaches do / eps on a query with no keys (padding), beyond fp16's range: its rows go
+    # through the fp16 dots divided by their largest magnitude (bf16 and fp32 have the range)
+    if DOT == tl.float16:
+        big_g = row_max(b_g)  # [C]
+        dA = row_scaled_dot(b_g, tl.trans(b_v), DOT, PREC)
+    else:
+        big_g = tl.full([C], 1.0, tl.float32)
+        dA = tl.dot(b_g.to(DOT), tl.trans(b_v.to(DOT)), input_precision=PREC)
+    dA += b_w[:, None]
     dA = tl.where(o_t[:, None] >= o_t[None, :], dA, 0)  # [C, C]
     A = s1
     if P == 1:
@@ -459,7 +497,10 @@ def chunk_bwd_kernel(
         add_similarity_grads(dq1, dk1, x1, y1, dA * s2 * s3, rows, mask_t, R1, RP1, DOT, PREC)
         add_similarity_grads(dq2, dk2, x2, y2, dA * s1 * s3, rows, mask_t, R2, RP2, DOT, PREC)
         add_similarity_grads(dq3, dk3, x3, y3, dA * s1 * s2, rows, mask_t, R3, RP3, DOT, PREC)
-    b_dv = row_scaled_dot(tl.trans(A), b_g, DOT, PREC)  # [C, DV]
+    if DOT == tl.float16:
+        b_dv = row_scaled_dot(tl.trans(A) * big_g[None, :], b_g / big_g[:, None], DOT, PREC)  # A^T g, [C, DV]
+    else:
+        b_dv = row_scaled_dot(tl.trans(A), b_g, DOT, PREC)
     # inter-chunk
     base = (i_c.to(tl.int64) * H + i_h) * M
     add_state_grads(

@@ -7,7 +7,6 @@ kernels are defined), on tiny shapes. Every output the kernels write is poisoned
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import sys
 
@@ -35,7 +34,7 @@ from hadamard_attn.ops import hadamard_attn  # noqa: E402
 from hadamard_attn.ops.naive import naive_hadamard_attn  # noqa: E402
 
 tp = importlib.import_module("hadamard_attn.ops.triton.parallel")
-DEVICE = "cpu" if INTERPRET else "cuda"
+from triton_checks import DEVICE, check, make, rel  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -48,53 +47,6 @@ def triton_env(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(tp, "empty", poisoned)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative RMS error; NaN anywhere in ``a`` makes it NaN (and fails every comparison)."""
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def make(B, T, H, widths, Dv, N, init, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = [torch.rand(B, T, H, r, generator=g) for r in widths]
-    k = [torch.rand(B, T, H, r, generator=g) for r in widths]
-    v = torch.randn(B, T, H, Dv, generator=g)
-    M = math.prod(widths)
-    st = (torch.rand(N, H, M, Dv, generator=g), torch.rand(N, H, M, generator=g)) if init else None
-    leaves = [*q, *k, v] + (list(st) if init else [])
-    return [x.to(DEVICE).requires_grad_(True) for x in leaves]
-
-
-def check(widths, Dv, B, T, H, normalize, init, cu_seqlens=None, tol=1e-5):
-    """Triton (fp32) vs naive (fp64): output, final state, and the gradients of all inputs through both."""
-    P = len(widths)
-    N = B if cu_seqlens is None else len(cu_seqlens) - 1
-    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=DEVICE)
-    leaves = make(B, T, H, widths, Dv, N, init)
-    ref = [x.detach().double().requires_grad_(True) for x in leaves]
-
-    def run(fn, xs):
-        st = (xs[2 * P + 1], xs[2 * P + 2]) if init else None
-        return fn(tuple(xs[:P]), tuple(xs[P : 2 * P]), xs[2 * P], False, normalize, 1e-6, st, True, cu)
-
-    o, (S, z) = run(hla_triton.triton_hadamard_attn, leaves)
-    o_ref, (S_ref, z_ref) = run(naive_hadamard_attn, ref)
-    assert o.dtype == torch.float32 and S.dtype == torch.float32 and z.dtype == torch.float32
-    assert rel(o, o_ref) < tol, "o"
-    assert rel(S, S_ref) < tol, "S"
-    assert rel(z, z_ref) < tol, "z"
-
-    g = torch.Generator().manual_seed(1)
-    do, dS, dz = (torch.randn(t.shape, generator=g).to(DEVICE) for t in (o, S, z))
-    loss = (o * do).sum() + (S * dS).sum() + (z * dz).sum()
-    loss_ref = (o_ref * do.double()).sum() + (S_ref * dS.double()).sum() + (z_ref * dz.double()).sum()
-    grads = torch.autograd.grad(loss, leaves)
-    grads_ref = torch.autograd.grad(loss_ref, ref)
-    names = [f"q{f}" for f in range(P)] + [f"k{f}" for f in range(P)] + ["v"] + (["S0", "z0"] if init else [])
-    for name, a, b in zip(names, grads, grads_ref):
-        assert a.shape == b.shape and a.dtype == torch.float32, name
-        assert rel(a, b) < tol, f"d{name}: {rel(a, b):.2e}"
 
 
 @pytest.mark.parametrize(
@@ -111,17 +63,17 @@ def check(widths, Dv, B, T, H, normalize, init, cu_seqlens=None, tol=1e-5):
     ],
 )
 def test_parallel(widths, Dv, B, T, H, normalize, init):
-    check(widths, Dv, B, T, H, normalize, init)
+    check(hla_triton, widths, Dv, B, T, H, normalize, init, causal=False)
 
 
 @pytest.mark.parametrize("normalize, init", [(True, True), (False, False)])
 def test_parallel_varlen(normalize, init):
     # sequences of 1, 8 and 21 tokens; the first two share a block of tokens
-    check((4, 8), 16, 1, 30, 2, normalize, init, cu_seqlens=[0, 1, 9, 30])
+    check(hla_triton, (4, 8), 16, 1, 30, 2, normalize, init, cu_seqlens=[0, 1, 9, 30], causal=False)
 
 
 def test_parallel_varlen_p3():
-    check((2, 4, 2), 16, 1, 20, 1, True, True, cu_seqlens=[0, 13, 20])
+    check(hla_triton, (2, 4, 2), 16, 1, 20, 1, True, True, cu_seqlens=[0, 13, 20], causal=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -6,7 +6,6 @@ before the kernels are defined), with chunks of 16 tokens. Every output the kern
 
 from __future__ import annotations
 
-import math
 import sys
 
 import pytest
@@ -14,10 +13,10 @@ import torch
 
 pytest.importorskip("triton")
 
+from triton_checks import DEVICE, check, make, rel  # noqa: E402
+
 from hadamard_attn.ops import hadamard_attn  # noqa: E402
 from hadamard_attn.ops.naive import naive_hadamard_attn  # noqa: E402
-
-DEVICE = "cpu" if not torch.cuda.is_available() else "cuda"
 
 
 @pytest.fixture(autouse=True)
@@ -35,56 +34,6 @@ def hla(monkeypatch):
     return sys.modules["hadamard_attn.ops.triton"]
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative RMS error; NaN anywhere in ``a`` makes it NaN (and fails every comparison)."""
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def make(B, T, H, widths, Dv, N, init, seed=0, dtype=torch.float32, real=None):
-    g = torch.Generator().manual_seed(seed)
-    q = [torch.rand(B, T, H, r, generator=g) for r in widths]
-    k = [torch.rand(B, T, H, r, generator=g) for r in widths]
-    v = torch.randn(B, T, H, Dv, generator=g)
-    if real is not None:  # padding tokens ([B, T] False): zero keys and values, as the transformers layers pass them
-        k = [torch.where(real[:, :, None, None], x, 0) for x in k]
-        v = torch.where(real[:, :, None, None], v, 0)
-    M = math.prod(widths)
-    st = [torch.rand(N, H, M, Dv, generator=g), torch.rand(N, H, M, generator=g)] if init else []
-    xs = [x.to(DEVICE, dtype).requires_grad_(True) for x in [*q, *k, v]]
-    return xs + [x.to(DEVICE).requires_grad_(True) for x in st]
-
-
-def check(hla, widths, Dv, B, T, H, normalize, init, cu_seqlens=None, tol=1e-5, real=None):
-    """Triton (fp32) vs naive (fp64), causal: output, final state, and the gradients of all inputs through both."""
-    P = len(widths)
-    N = B if cu_seqlens is None else len(cu_seqlens) - 1
-    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=DEVICE)
-    leaves = make(B, T, H, widths, Dv, N, init, real=real)
-    ref = [x.detach().double().requires_grad_(True) for x in leaves]
-
-    def run(fn, xs):
-        st = (xs[2 * P + 1], xs[2 * P + 2]) if init else None
-        return fn(tuple(xs[:P]), tuple(xs[P : 2 * P]), xs[2 * P], True, normalize, 1e-6, st, True, cu)
-
-    o, (S, z) = run(hla.triton_hadamard_attn, leaves)
-    o_ref, (S_ref, z_ref) = run(naive_hadamard_attn, ref)
-    assert o.dtype == torch.float32 and S.dtype == torch.float32 and z.dtype == torch.float32
-    assert rel(o, o_ref) < tol, f"o: {rel(o, o_ref):.2e}"
-    assert rel(S, S_ref) < tol, "S"
-    assert rel(z, z_ref) < tol, "z"
-
-    g = torch.Generator().manual_seed(1)
-    do, dS, dz = (torch.randn(t.shape, generator=g).to(DEVICE) for t in (o, S, z))
-    loss = (o * do).sum() + (S * dS).sum() + (z * dz).sum()
-    loss_ref = (o_ref * do.double()).sum() + (S_ref * dS.double()).sum() + (z_ref * dz.double()).sum()
-    grads = torch.autograd.grad(loss, leaves)
-    grads_ref = torch.autograd.grad(loss_ref, ref)
-    names = [f"q{f}" for f in range(P)] + [f"k{f}" for f in range(P)] + ["v"] + (["S0", "z0"] if init else [])
-    for name, a, b in zip(names, grads, grads_ref):
-        assert a.shape == b.shape and a.dtype == torch.float32, name
-        assert rel(a, b) < tol, f"d{name}: {rel(a, b):.2e}"
-
-
 @pytest.mark.parametrize(
     "widths, Dv, B, T, H, normalize, init",
     [
@@ -98,17 +47,17 @@ def check(hla, widths, Dv, B, T, H, normalize, init, cu_seqlens=None, tol=1e-5, 
     ],
 )
 def test_chunk(hla, widths, Dv, B, T, H, normalize, init):
-    check(hla, widths, Dv, B, T, H, normalize, init)
+    check(hla, widths, Dv, B, T, H, normalize, init, causal=True)
 
 
 @pytest.mark.parametrize("normalize, init", [(True, True), (False, False)])
 def test_chunk_varlen(hla, normalize, init):
     # sequences of 1, 16 and 23 tokens: chunks restart at every sequence, the states stay per sequence
-    check(hla, (4, 8), 16, 1, 40, 2, normalize, init, cu_seqlens=[0, 1, 17, 40])
+    check(hla, (4, 8), 16, 1, 40, 2, normalize, init, cu_seqlens=[0, 1, 17, 40], causal=True)
 
 
 def test_chunk_varlen_p3(hla):
-    check(hla, (2, 4, 2), 16, 1, 21, 1, True, True, cu_seqlens=[0, 13, 21])
+    check(hla, (2, 4, 2), 16, 1, 21, 1, True, True, cu_seqlens=[0, 13, 21], causal=True)
 
 
 def test_chunk_state_carried(hla):
@@ -287,13 +236,13 @@ def test_bounds_checker_catches(hla, gpu_chunk):
 def test_chunk64_narrow_factor(hla, gpu_chunk):
     # the GPU's NaN case, smaller: widths (64, 4) (factor 2 padded to 16 in the similarities, factor blocks of 4
     # in the Khatri-Rao tiles), Dv = 128 in two Dv tiles, T = 2 chunks exactly, normalize, no initial state
-    check(hla, (64, 4), 128, 1, 128, 2, True, False)
+    check(hla, (64, 4), 128, 1, 128, 2, True, False, causal=True)
 
 
 def test_chunk64_varlen_ragged(hla, gpu_chunk):
     # the GPU's illegal-memory-access case, smaller: (16, 16), Dv = 128, normalize=False, two packed sequences
     # of 2 and 3 chunks whose last chunks are short (the rows beyond each sequence's end are masked)
-    check(hla, (16, 16), 128, 1, 200, 2, False, False, cu_seqlens=[0, 70, 200])
+    check(hla, (16, 16), 128, 1, 200, 2, False, False, cu_seqlens=[0, 70, 200], causal=True)
 
 
 def test_chunk64_left_padding_final_state(hla, gpu_chunk):
@@ -301,14 +250,14 @@ def test_chunk64_left_padding_final_state(hla, gpu_chunk):
     # left-padded over a whole chunk and part of the next (zero keys and values), the final state and gradients
     real = torch.ones(2, 256, dtype=torch.bool)
     real[1, :100] = False
-    check(hla, (16, 16), 64, 2, 256, 2, True, False, real=real.to(DEVICE))
+    check(hla, (16, 16), 64, 2, 256, 2, True, False, real=real.to(DEVICE), causal=True)
 
 
 @pytest.mark.parametrize("config", [0, 1, 2, 3])
 def test_chunk64_every_config(hla, gpu_chunk, config):
     # each of the GPU's autotune configs of the three kernels: B = 2 with an initial state, T = 2 chunks exactly
     gpu_chunk(config)
-    check(hla, (4, 8), 32, 2, 128, 2, True, True)
+    check(hla, (4, 8), 32, 2, 128, 2, True, True, causal=True)
 
 
 @pytest.fixture

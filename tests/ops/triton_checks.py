@@ -1,0 +1,62 @@
+"""Checks shared by the Triton kernel tests: inputs, the relative error, and the comparison with the float64
+reference (forward, final state and every gradient)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hadamard_attn.ops.naive import naive_hadamard_attn
+
+DEVICE = "cpu" if not torch.cuda.is_available() else "cuda"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative RMS error; NaN anywhere in ``a`` makes it NaN (and fails every comparison)."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make(B, T, H, widths, Dv, N, init, seed=0, dtype=torch.float32, real=None):
+    g = torch.Generator().manual_seed(seed)
+    q = [torch.rand(B, T, H, r, generator=g) for r in widths]
+    k = [torch.rand(B, T, H, r, generator=g) for r in widths]
+    v = torch.randn(B, T, H, Dv, generator=g)
+    if real is not None:  # padding tokens ([B, T] False): zero keys and values, as the transformers layers pass them
+        k = [torch.where(real[:, :, None, None], x, 0) for x in k]
+        v = torch.where(real[:, :, None, None], v, 0)
+    M = math.prod(widths)
+    st = [torch.rand(N, H, M, Dv, generator=g), torch.rand(N, H, M, generator=g)] if init else []
+    xs = [x.to(DEVICE, dtype).requires_grad_(True) for x in [*q, *k, v]]
+    return xs + [x.to(DEVICE).requires_grad_(True) for x in st]
+
+
+def check(hla, widths, Dv, B, T, H, normalize, init, cu_seqlens=None, tol=1e-5, real=None, *, causal):
+    """Triton (fp32) vs naive (fp64): output, final state, and the gradients of all inputs through both."""
+    P = len(widths)
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=DEVICE)
+    leaves = make(B, T, H, widths, Dv, N, init, real=real)
+    ref = [x.detach().double().requires_grad_(True) for x in leaves]
+
+    def run(fn, xs):
+        st = (xs[2 * P + 1], xs[2 * P + 2]) if init else None
+        return fn(tuple(xs[:P]), tuple(xs[P : 2 * P]), xs[2 * P], causal, normalize, 1e-6, st, True, cu)
+
+    o, (S, z) = run(hla.triton_hadamard_attn, leaves)
+    o_ref, (S_ref, z_ref) = run(naive_hadamard_attn, ref)
+    assert o.dtype == torch.float32 and S.dtype == torch.float32 and z.dtype == torch.float32
+    assert rel(o, o_ref) < tol, f"o: {rel(o, o_ref):.2e}"
+    assert rel(S, S_ref) < tol, "S"
+    assert rel(z, z_ref) < tol, "z"
+
+    g = torch.Generator().manual_seed(1)
+    do, dS, dz = (torch.randn(t.shape, generator=g).to(DEVICE) for t in (o, S, z))
+    loss = (o * do).sum() + (S * dS).sum() + (z * dz).sum()
+    loss_ref = (o_ref * do.double()).sum() + (S_ref * dS.double()).sum() + (z_ref * dz.double()).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    grads_ref = torch.autograd.grad(loss_ref, ref)
+    names = [f"q{f}" for f in range(P)] + [f"k{f}" for f in range(P)] + ["v"] + (["S0", "z0"] if init else [])
+    for name, a, b in zip(names, grads, grads_ref):
+        assert a.shape == b.shape and a.dtype == torch.float32, name
+        assert rel(a, b) < tol, f"d{name}: {rel(a, b):.2e}"

@@ -52,6 +52,7 @@ from .utils import (
     dot_dtype,
     empty,
     factor_block,
+    fake_forward_outputs,
     interpreting,
     kr_tile,
     kr_tile_grads,
@@ -603,16 +604,7 @@ def chunk_fwd(
 
 @chunk_fwd.register_fake
 def _(q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size):
-    B, T, H, Dv = v.shape
-    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    M = math.prod(x.shape[-1] for x in q)
-    f32 = dict(dtype=torch.float32)
-    return (
-        torch.empty_like(v),
-        v.new_empty(N, H, M, Dv, **f32),
-        v.new_empty(N, H, M, **f32),
-        v.new_empty(B * T, H, **f32),
-    )
+    return fake_forward_outputs(q, v, cu_seqlens)
 
 
 @torch.library.custom_op("hadamard_attn::chunk_bwd", mutates_args=())

@@ -30,6 +30,7 @@ from .utils import (
     dot_config,
     dot_dtype,
     empty,
+    fake_forward_outputs,
     interpreting,
     kr_tile,
     kr_tile_grads,
@@ -482,16 +483,7 @@ def parallel_fwd(
 
 @parallel_fwd.register_fake
 def _(q, k, v, S0, z0, cu_seqlens, normalize, eps):
-    B, T, H, Dv = v.shape
-    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    M = math.prod(x.shape[-1] for x in q)
-    f32 = dict(dtype=torch.float32, device=v.device)
-    return (
-        torch.empty_like(v),
-        v.new_empty(N, H, M, Dv, **f32),
-        v.new_empty(N, H, M, **f32),
-        v.new_empty(B * T, H, **f32),
-    )
+    return fake_forward_outputs(q, v, cu_seqlens)
 
 
 @torch.library.custom_op("hadamard_attn::parallel_bwd", mutates_args=())

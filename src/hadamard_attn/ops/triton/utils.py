@@ -222,3 +222,18 @@ def add_factor_grad(dx, rows, mask_t, o, g, R: tl.constexpr):
     """``dx[rows, o] += g`` (fp32 atomics; columns ``o >= R`` are padding)."""
     mask = mask_t[:, None] & (o < R)[None, :]
     tl.atomic_add(dx + rows[:, None] * R + o[None, :], g, mask=mask, sem="relaxed")
+
+
+def fake_forward_outputs(q, v: torch.Tensor, cu_seqlens: torch.Tensor | None):
+    """What a forward custom op returns, as empty tensors (its ``register_fake``): ``o`` like ``v``, the fp32
+    state ``S [N, H, M, Dv]``, ``z [N, H, M]`` and the fp32 denominators ``[B * T, H]``."""
+    B, T, H, Dv = v.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    M = math.prod(x.shape[-1] for x in q)
+    f32 = dict(dtype=torch.float32)
+    return (
+        torch.empty_like(v),
+        v.new_empty(N, H, M, Dv, **f32),
+        v.new_empty(N, H, M, **f32),
+        v.new_empty(B * T, H, **f32),
+    )

@@ -29,12 +29,12 @@ import torch
 import triton
 import triton.testing
 
-from hadamard_attn.ops import triton as hla_triton
 from hadamard_attn.ops.chunk import chunk_hadamard_attn
 from hadamard_attn.ops.naive import naive_hadamard_attn
 from hadamard_attn.ops.parallel import parallel_hadamard_attn
 from hadamard_attn.ops.triton import chunk as tc
 from hadamard_attn.ops.triton import parallel as tp
+from hadamard_attn.ops.triton import utils as tu
 
 DEV = "cuda"
 CHUNK = 64  # the causal kernels' chunk (tc.default_chunk_size() on the GPU), for the FLOP count
@@ -78,6 +78,13 @@ def make(B, T, H, widths, Dv, dtype, init=False, N=None, grad=True, pad=0):
     return q, k, v, st, leaves
 
 
+def triton_attn(q, k, v, causal, *args):
+    """The Triton kernels of the mode, called past ``unsupported_reason`` (whose causal GPU gate this script
+    checks); ``args``: ``normalize, eps, initial_state, output_final_state, cu_seqlens``."""
+    fn = tc.chunk_hadamard_attn_triton if causal else tp.parallel_hadamard_attn_triton
+    return fn(tuple(q), tuple(k), v, *args)
+
+
 def poisoned(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
@@ -90,7 +97,7 @@ def check_one(widths, Dv, dtype, B, T, H, normalize=True, init=False, cu=None, r
     saved = tp.empty, tc.empty
     tp.empty = tc.empty = poisoned  # an output element a kernel never writes stays NaN
     try:
-        o, s = hla_triton.triton_hadamard_attn(tuple(q), tuple(k), v, causal, normalize, 1e-6, st, True, cu_t)
+        o, s = triton_attn(q, k, v, causal, normalize, 1e-6, st, True, cu_t)
         tp.empty = saved[0]  # the causal backward's outputs poisoned too (the non-causal one's as before: not)
         go, gs, gz = torch.randn_like(o), torch.randn_like(s[0]), torch.randn_like(s[1])
         g1 = torch.autograd.grad((o * go).sum() + (s[0] * gs).sum() + (s[1] * gz).sum(), leaves)
@@ -124,11 +131,13 @@ def check_one(widths, Dv, dtype, B, T, H, normalize=True, init=False, cu=None, r
     return ok
 
 
-def check(large: bool, causal: bool = False) -> bool:
-    """The test matrix at real sizes (causal or not); each kernel with its default config (quick compiles)."""
+def check(large: bool, causal: bool = False, small: bool = True) -> bool:
+    """The test matrix at real sizes (causal or not; ``small``: the cases up to a few thousand tokens, ``large``:
+    T = 16,384 to 131,072); each kernel with its first config (quick compiles), in the form this device runs."""
     full = {kern: kern.configs for kern in KERNELS}
     for kern in KERNELS:
-        kern.configs = kern.configs[:1]
+        chunked = kern in (tc.chunk_state_kernel, tc.chunk_output_kernel, tc.chunk_bwd_kernel)
+        kern.configs = tc.gpu_configs(kern, 0, torch.device(DEV)) if chunked else kern.configs[:1]
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     cases = [
         ((32, 32), 128, bf16, 2, 1531, 3, True, True, None),
@@ -144,10 +153,15 @@ def check(large: bool, causal: bool = False) -> bool:
     ]
     ok = True
     log("check: Triton vs float64 reference (rel. RMS error; forward o/S/z, then each gradient)")
-    for c in cases:
+    if causal:
+        log(
+            f"  ptxas {'.'.join(map(str, tu.ptxas_version()))}: chunk kernels with "
+            f"{'num_warps = 2 (no wgmma)' if tu.register_wgmma_hazard(torch.device(DEV)) else 'wgmma'}"
+        )
+    for c in cases if small else ():
         ok &= check_one(*c, causal=causal)
     # a transformers prefill: B = 2, T = 4 chunks of 64 exactly, the last row left-padded (zero keys and values)
-    for dtype in (fp32, bf16, fp16):
+    for dtype in (fp32, bf16, fp16) if small else ():
         ok &= check_one((16, 16), 64, dtype, 2, 256, 8, True, False, None, causal=causal, pad=100)
     if large:
         big = "chunk" if causal else "parallel"  # the float64 torch path of the same mode
@@ -155,7 +169,7 @@ def check(large: bool, causal: bool = False) -> bool:
         ok &= check_one((16, 16, 16), 128, torch.bfloat16, 1, 16384, 4, True, True, None, ref=big, causal=causal)
         for widths in ((16, 16), (32, 32)) if causal else ((32, 32), (64, 64)):
             q, k, v, _, leaves = make(1, 131072, 12, widths, 128, torch.bfloat16)
-            o, s = hla_triton.triton_hadamard_attn(tuple(q), tuple(k), v, causal, True, 1e-6, None, True, None)
+            o, s = triton_attn(q, k, v, causal, True, 1e-6, None, True, None)
             g = torch.autograd.grad(o, leaves, torch.randn_like(o))
             finite = all(torch.isfinite(t).all().item() for t in (o, *s, *g))
             mode = "causal " if causal else ""
@@ -191,7 +205,7 @@ def hla_fns(impl, q, k, v, leaves, causal=False):
     if impl == "triton":
 
         def fwd():
-            return hla_triton.triton_hadamard_attn(tuple(q), tuple(k), v, causal, True, 1e-6, None, False, None)[0]
+            return triton_attn(q, k, v, causal, True, 1e-6, None, False, None)[0]
     else:
         torch_path = chunk_hadamard_attn if causal else parallel_hadamard_attn
 
@@ -330,6 +344,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--no-large", action="store_true")
+    p.add_argument("--large-only", action="store_true", help="only the large cases of the check")
+    p.add_argument("--no-bench", action="store_true", help="the check only")
     p.add_argument("--ns", default="4096,16384,32760,75600,131072")
     p.add_argument("--widths", default="16x16,32x32,64x4,64x64,16x16x16")
     p.add_argument("--causal", action="store_true", help="causal HLA: chunked kernels vs causal SDPA, torch chunk, fla")
@@ -350,8 +366,10 @@ def main():
     ok = True
     if not a.skip_check:
         t0 = time.time()
-        ok = check(not a.no_large, a.causal)
+        ok = check(not a.no_large, a.causal, small=not a.large_only)
         log(f"check {'PASSED' if ok else 'FAILED'} in {time.time() - t0:.0f} s")
+    if a.no_bench:
+        sys.exit(0 if ok else 1)
     peak = matmul_peak()
     log(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s (the peak used for %pk)")
     rows, tuning = [], []

@@ -6,12 +6,17 @@ before the kernels are defined), with chunks of 16 tokens. Every output the kern
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[2]
 
 from triton_checks import DEVICE, check, make, rel  # noqa: E402
 
@@ -313,3 +318,62 @@ def test_chunk64_half_gpu_dtypes(hla, gpu_chunk, gpu_dtypes, dtype):
     for name, a, b in zip(names, (o, S, z, *grads), (o_ref, S_ref, z_ref, *grads_ref)):
         assert a.isfinite().all(), f"{name} not finite"
         assert rel(a, b) < 3e-2, f"{name}: {rel(a, b):.2e}"
+
+
+# --- Hopper: no wgmma with a register operand where ptxas < 13.3 would mis-schedule it (triton-lang/triton#9433)
+
+
+def test_register_wgmma_hazard_needs_hopper_and_an_old_ptxas(monkeypatch):
+    utils = sys.modules["hadamard_attn.ops.triton.utils"]
+    cuda = torch.device("cuda")
+    assert not utils.register_wgmma_hazard(torch.device("cpu"))
+    monkeypatch.setattr(utils, "interpreting", lambda: False)
+    for capability, ptxas, hazard in (
+        ((9, 0), (12, 8), True),  # H100 with Triton 3.6's own ptxas
+        ((9, 0), (13, 2), True),
+        ((9, 0), (13, 3), False),
+        ((9, 0), (13, 5), False),
+        ((8, 0), (12, 8), False),  # A100: no wgmma
+        ((10, 0), (12, 8), False),  # Blackwell: tcgen05
+    ):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
+        monkeypatch.setattr(utils, "ptxas_version", lambda p=ptxas: p)
+        assert utils.register_wgmma_hazard(cuda) is hazard, (capability, ptxas)
+
+
+def test_ptxas_version_is_tritons():
+    utils = sys.modules["hadamard_attn.ops.triton.utils"]
+    assert utils.ptxas_version() >= (12, 0)
+
+
+def test_safe_configs_keep_two_warps_only_under_the_hazard(monkeypatch):
+    utils = sys.modules["hadamard_attn.ops.triton.utils"]
+    chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
+    table = chunk._with_two_warps(chunk.BWD_CONFIGS)
+    assert table == chunk.BWD_CONFIGS + tuple((c[0], 2, c[2]) for c in chunk.BWD_CONFIGS)
+    configs = [triton.Config({"BM": c[0]}, num_warps=c[1], num_stages=c[2]) for c in table]
+    named_args = {"x1": torch.empty(1), "T_SEQ": 5}
+    for hazard, warps in ((True, {2}), (False, {4, 8})):
+        monkeypatch.setattr(utils, "register_wgmma_hazard", lambda d, h=hazard: h)
+        monkeypatch.setattr(chunk, "register_wgmma_hazard", lambda d, h=hazard: h)
+        kept = utils.safe_configs(configs, named_args)
+        assert len(kept) == len(chunk.BWD_CONFIGS) and {c.num_warps for c in kept} == warps
+        (first,) = chunk.gpu_configs(chunk.chunk_bwd_kernel, 0, torch.device("cpu"))
+        assert (first.num_warps == 2) is hazard  # what benchmarks/triton_gpu.py checks on such a device
+
+
+@pytest.mark.parametrize("warps, wgmma", [(2, False), (4, True)])
+def test_two_warp_configs_compile_without_wgmma_for_hopper(warps, wgmma):
+    """Compiled for sm_90 (no GPU needed): the num_warps = 2 form of every chunk kernel has no wgmma at all; the
+    4-warp form (the control) has wgmma ops reading a register operand, those ptxas < 13.3 mis-schedules."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    script = Path(__file__).with_name("compile_sm90.py")
+    out = subprocess.run([sys.executable, str(script), str(warps)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = json.loads(out.stdout.splitlines()[-1])
+    assert set(counts) == {"chunk_state_kernel", "chunk_output_kernel", "chunk_bwd_kernel"}
+    if wgmma:
+        assert all(register > 0 for register, _ in counts.values()), counts
+    else:
+        assert all(register == shared == 0 for register, shared in counts.values()), counts

@@ -28,12 +28,20 @@ magnitude before the ``A_c V_c`` dot and multiplied back after it.
 Backward, with ``g = do / (den + eps)`` and ``w = -sum(do * o) / (den + eps)`` per token (``do`` and 0 without
 ``normalize``): the states entering the chunks are recomputed (``chunk_state_kernel``), the gradients of the
 states leaving them come from the same kernel walking the chunks in reverse over ``phi(Q)^T [g | w]``
-(``dhs [NT, H, M, Dv]``, same cost as ``hs``), and ``chunk_bwd_kernel`` (parallel over chunks) forms
+(``dhs [NT, H, M, Dv]``, same cost as ``hs``), and ``chunk_bwd_kernel`` (parallel over chunks) forms, once for
+the queries and once for the keys:
 
-    dA_c = tril(g_c V_c^T + w_c 1^T)  -> dq_f, dk_f through the P similarities,  dv_c = A_c^T g_c
-    dphi(Q_c) = g_c S_c^T + w_c z_c^T,  dphi(K_c) = V_c dS_c^T + 1 dz_c^T,  dv_c += phi(K_c) dS_c
+    dA_c = tril(g_c V_c^T + w_c 1^T)  -> dq_f through the P similarities,  dphi(Q_c) = g_c S_c^T + w_c z_c^T
+    dA_c^T (formed as such)  -> dk_f,  dv_c = A_c^T g_c,  dphi(K_c) = V_c dS_c^T + 1 dz_c^T,  dv_c += phi(K_c) dS_c
 
 (``dS_c, dz_c``: the gradient of the state leaving chunk ``c``); factor gradients are fp32 atomics.
+
+Hopper: these kernels feed ``tl.dot`` from registers (the Khatri-Rao tiles, the masked blocks), which Triton
+compiles to wgmma with a register operand; ptxas before 13.3 can read those registers before they are written
+(triton-lang/triton#9433). On an H100 with Triton 3.6's ptxas 12.8 the backward then gave NaN or wrong factor
+gradients and once an illegal memory access. Where that ptxas is in use (``register_wgmma_hazard``) the kernels
+autotune over ``num_warps = 2`` configs, which Triton compiles to mma.sync (``safe_configs``); with
+``TRITON_PTXAS_PATH`` pointing at ptxas >= 13.3 they use their wgmma configs.
 """
 
 from __future__ import annotations
@@ -57,6 +65,8 @@ from .utils import (
     kr_tile,
     kr_tile_grads,
     kr_tile_t,
+    register_wgmma_hazard,
+    safe_configs,
     seq_bounds,
     sequences,
     widths3,
@@ -65,21 +75,30 @@ from .utils import (
 State = tuple[torch.Tensor, torch.Tensor]
 
 
-# autotuning candidates (block sizes, num_warps, num_stages); the GPU's first one is what a check with
-# ``kern.configs[:1]`` runs, and what the interpreter tests also run (``gpu_configs``)
+# autotuning candidates (block sizes, num_warps, num_stages); each also runs with num_warps = 2 where wgmma is
+# unsafe (``safe_configs``). The first one is what a check with ``gpu_configs(kern)`` runs, and what the
+# interpreter tests also run.
 STATE_CONFIGS = ((64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (32, 32, 4, 3))  # BM BV
 OUTPUT_CONFIGS = ((64, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2), (32, 64, 4, 3))  # BM BV
 BWD_CONFIGS = ((64, 4, 2), (32, 4, 3), (128, 8, 2), (32, 4, 1))  # BM
 
 
-def gpu_configs(kern, i: int = 0) -> list[triton.Config]:
-    """``[config i]`` of a chunk kernel's GPU candidates, as a ``configs`` list (also under the interpreter)."""
+def _with_two_warps(table: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+    """The candidates, then each of them with num_warps = 2 (mma.sync instead of wgmma)."""
+    return table + tuple(c[:-2] + (2, c[-1]) for c in table)
+
+
+def gpu_configs(kern, i: int = 0, device: torch.device | None = None) -> list[triton.Config]:
+    """``[config i]`` of a chunk kernel's GPU candidates, as a ``configs`` list (also under the interpreter); on
+    ``device``, in the form ``safe_configs`` keeps there."""
     table, keys = {
         "chunk_state_kernel": (STATE_CONFIGS, "BM BV"),
         "chunk_output_kernel": (OUTPUT_CONFIGS, "BM BV"),
         "chunk_bwd_kernel": (BWD_CONFIGS, "BM"),
     }[kern.base_fn.__name__]
     c = table[i]
+    if device is not None and register_wgmma_hazard(device):
+        c = c[:-2] + (2, c[-1])
     return [triton.Config(dict(zip(keys.split(), c[:-2])), num_warps=c[-2], num_stages=c[-1])]
 
 
@@ -89,7 +108,8 @@ def default_chunk_size() -> int:
 
 
 @triton.autotune(
-    configs=_configs(*STATE_CONFIGS, keys="BM BV"),
+    configs=_configs(*_with_two_warps(STATE_CONFIGS), keys="BM BV"),
+    prune_configs_by={"early_config_prune": safe_configs},
     key=["R1", "R2", "R3", "DV", "P", "C", "HAS_INIT", "REVERSE", "DOT"],
 )
 @triton.heuristics({**block_heuristics(), "BV": lambda a: min(a["BV"], a["DV"])})
@@ -223,8 +243,8 @@ def hadamard_block(
     y2,
     y3,
     rows,
-    o_t,
     mask_t,
+    keep,
     R1: tl.constexpr,
     R2: tl.constexpr,
     R3: tl.constexpr,
@@ -235,9 +255,10 @@ def hadamard_block(
     DOT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """The masked similarities of a chunk, ``s_f [C, C]`` fp32 (``s_1`` for missing factors)."""
+    """The similarities of a chunk, ``s_f = x_f y_f^T [C, C]`` fp32, ``s_1`` zeroed outside ``keep [C, C]`` (the
+    causal mask; ``s_1`` stands in for missing factors)."""
     s1 = factor_similarity(x1, y1, rows, mask_t, R1, RP1, DOT, PREC)
-    s1 = tl.where(o_t[:, None] >= o_t[None, :], s1, 0)
+    s1 = tl.where(keep, s1, 0)
     s2, s3 = s1, s1
     if P >= 2:
         s2 = factor_similarity(x2, y2, rows, mask_t, R2, RP2, DOT, PREC)
@@ -247,7 +268,8 @@ def hadamard_block(
 
 
 @triton.autotune(
-    configs=_configs(*OUTPUT_CONFIGS, keys="BM BV"),
+    configs=_configs(*_with_two_warps(OUTPUT_CONFIGS), keys="BM BV"),
+    prune_configs_by={"early_config_prune": safe_configs},
     key=["R1", "R2", "R3", "DV", "P", "C", "NORMALIZE", "DOT"],
 )
 @triton.heuristics(
@@ -319,7 +341,8 @@ def chunk_output_kernel(
     mask_t = o_t < eos
     rows = o_t * H + i_h
     # intra-chunk: the masked Hadamard block, [C, C]
-    s1, s2, s3 = hadamard_block(x1, x2, x3, y1, y2, y3, rows, o_t, mask_t, R1, R2, R3, RP1, RP2, RP3, P, DOT, PREC)
+    keep = o_t[:, None] >= o_t[None, :]
+    s1, s2, s3 = hadamard_block(x1, x2, x3, y1, y2, y3, rows, mask_t, keep, R1, R2, R3, RP1, RP2, RP3, P, DOT, PREC)
     A = s1
     if P >= 2:
         A *= s2
@@ -348,14 +371,31 @@ def chunk_output_kernel(
 
 
 @triton.jit
-def add_similarity_grads(
-    dx, dy, x, y, ds, rows, mask_t, R: tl.constexpr, RP: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
+def add_factor_similarity_grad(
+    dx, y, ds, rows, mask_t, R: tl.constexpr, RP: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
 ):
-    """``dx += ds y``, ``dy += ds^T x`` for one factor of a chunk (``ds [C, C]`` fp32, the gradient of ``x y^T``)."""
-    a, o = factor_block(x, rows, mask_t, 0, R, RP, RP > R)  # [C, RP]
-    b, _ = factor_block(y, rows, mask_t, 0, R, RP, RP > R)
+    """``dx += ds y`` for one factor of a chunk (``ds [C, C]`` fp32: the gradient of ``x y^T``; atomics)."""
+    b, o = factor_block(y, rows, mask_t, 0, R, RP, RP > R)  # [C, RP]
     add_factor_grad(dx, rows, mask_t, o, row_scaled_dot(ds, b, DOT, PREC), R)
-    add_factor_grad(dy, rows, mask_t, o, row_scaled_dot(tl.trans(ds), a, DOT, PREC), R)
+
+
+@triton.jit
+def add_intra_grads(
+    dx1, dx2, dx3, y1, y2, y3, dA, s1, s2, s3, rows, mask_t,
+    R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, RP1: tl.constexpr, RP2: tl.constexpr, RP3: tl.constexpr,
+    P: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """``dx_f += (dA prod_{f' != f} s_f') y_f``: the gradient of ``A = prod_f x_f y_f^T`` w.r.t. the ``x`` side,
+    given ``dA [C, C]`` (masked) and the similarities ``s_f`` (fp32)."""
+    if P == 1:
+        add_factor_similarity_grad(dx1, y1, dA, rows, mask_t, R1, RP1, DOT, PREC)
+    if P == 2:
+        add_factor_similarity_grad(dx1, y1, dA * s2, rows, mask_t, R1, RP1, DOT, PREC)
+        add_factor_similarity_grad(dx2, y2, dA * s1, rows, mask_t, R2, RP2, DOT, PREC)
+    if P == 3:
+        add_factor_similarity_grad(dx1, y1, dA * s2 * s3, rows, mask_t, R1, RP1, DOT, PREC)
+        add_factor_similarity_grad(dx2, y2, dA * s1 * s3, rows, mask_t, R2, RP2, DOT, PREC)
+        add_factor_similarity_grad(dx3, y3, dA * s1 * s2, rows, mask_t, R3, RP3, DOT, PREC)
 
 
 @triton.jit
@@ -392,9 +432,10 @@ def add_state_grads(
 
 
 @triton.autotune(
-    configs=_configs(*BWD_CONFIGS, keys="BM"),
-    key=["R1", "R2", "R3", "DV", "P", "C", "DOT"],
-    reset_to_zero=["dq1", "dq2", "dq3", "dk1", "dk2", "dk3"],
+    configs=_configs(*_with_two_warps(BWD_CONFIGS), keys="BM"),
+    prune_configs_by={"early_config_prune": safe_configs},
+    key=["R1", "R2", "R3", "DV", "P", "C", "KEYS", "DOT"],
+    reset_to_zero=["dx1", "dx2", "dx3"],
 )
 @triton.heuristics(
     {
@@ -417,14 +458,9 @@ def chunk_bwd_kernel(
     w,
     hs,
     hz,
-    dhs,
-    dhz,
-    dq1,
-    dq2,
-    dq3,
-    dk1,
-    dk2,
-    dk3,
+    dx1,
+    dx2,
+    dx3,
     dv,
     cu_seqlens,
     chunk_seq,
@@ -437,6 +473,7 @@ def chunk_bwd_kernel(
     R3: tl.constexpr,
     P: tl.constexpr,
     C: tl.constexpr,
+    KEYS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
@@ -449,13 +486,17 @@ def chunk_bwd_kernel(
     RP2: tl.constexpr,
     RP3: tl.constexpr,
 ):
-    """Gradients of one chunk, given ``g`` (d numerator, ``[TT, H, DV]`` fp32) and ``w`` (d denominator, ``[TT, H]``):
+    """Gradients of one side of one chunk, given ``g`` (d numerator, ``[TT, H, DV]`` fp32) and ``w`` (d
+    denominator, ``[TT, H]``). ``x*``: the factors of that side, ``y*``: those of the other one.
 
-        dA = tril(g V^T + w 1^T)  -> dq_f += (dA prod_{f' != f} s_f') K_f,  dk_f += (...)^T Q_f,  dv = A^T g
-        dphi(Q) = g hs_c^T + w hz_c^T                 (``hs_c``: the state entering the chunk)
-        dphi(K) = V dhs_c^T + 1 dhz_c^T,  dv += phi(K) dhs_c   (``dhs_c``: the gradient of the state leaving it)
+    Queries (``dx = dq``): ``dA = tril(g V^T + w 1^T)``, ``dq_f += (dA prod_{f' != f} s_f') K_f`` and
+    ``dphi(Q) = g hs_c^T + w hz_c^T`` (``hs, hz``: the states entering the chunks).
+    Keys (``dx = dk``, and ``dv``): the same in transposed form, every ``[C, C]`` block formed as such (no
+    transpose of a computed block): ``dA^T = triu(V g^T + 1 w^T)``, ``dk_f += (dA^T prod s_f'^T) Q_f``,
+    ``dv = A^T g``; then ``dphi(K) = V dhs_c^T + 1 dhz_c^T``, ``dv += phi(K) dhs_c`` (``hs, hz``: the gradients
+    of the states leaving the chunks).
 
-    ``dq*, dk*`` fp32 (atomics), ``dv`` in the input dtype. Grid: (NT, H).
+    ``dx*`` fp32 (atomics), ``dv`` in the input dtype. Grid: (NT, H).
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     M: tl.constexpr = R1 * R2 * R3
@@ -470,49 +511,49 @@ def chunk_bwd_kernel(
     o_v = tl.arange(0, DV)
     mask_t = o_t < eos
     rows = o_t * H + i_h
+    base = (i_c.to(tl.int64) * H + i_h) * M
     # [C, DV]
     b_g = tl.load(g + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0)
     b_v = tl.load(v + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0).to(tl.float32)
     b_w = tl.load(w + rows, mask=mask_t, other=0)  # [C]
-    # intra-chunk
-    s1, s2, s3 = hadamard_block(x1, x2, x3, y1, y2, y3, rows, o_t, mask_t, R1, R2, R3, RP1, RP2, RP3, P, DOT, PREC)
     # g = do / (den + eps) reaches do / eps on a query with no keys (padding), beyond fp16's range: its rows go
     # through the fp16 dots divided by their largest magnitude (bf16 and fp32 have the range)
     if DOT == tl.float16:
         big_g = row_max(b_g)  # [C]
-        dA = row_scaled_dot(b_g, tl.trans(b_v), DOT, PREC)
     else:
         big_g = tl.full([C], 1.0, tl.float32)
-        dA = tl.dot(b_g.to(DOT), tl.trans(b_v.to(DOT)), input_precision=PREC)
-    dA += b_w[:, None]
-    dA = tl.where(o_t[:, None] >= o_t[None, :], dA, 0)  # [C, C]
-    A = s1
-    if P == 1:
-        add_similarity_grads(dq1, dk1, x1, y1, dA, rows, mask_t, R1, RP1, DOT, PREC)
-    if P == 2:
-        A = s1 * s2
-        add_similarity_grads(dq1, dk1, x1, y1, dA * s2, rows, mask_t, R1, RP1, DOT, PREC)
-        add_similarity_grads(dq2, dk2, x2, y2, dA * s1, rows, mask_t, R2, RP2, DOT, PREC)
-    if P == 3:
-        A = s1 * s2 * s3
-        add_similarity_grads(dq1, dk1, x1, y1, dA * s2 * s3, rows, mask_t, R1, RP1, DOT, PREC)
-        add_similarity_grads(dq2, dk2, x2, y2, dA * s1 * s3, rows, mask_t, R2, RP2, DOT, PREC)
-        add_similarity_grads(dq3, dk3, x3, y3, dA * s1 * s2, rows, mask_t, R3, RP3, DOT, PREC)
-    if DOT == tl.float16:
-        b_dv = row_scaled_dot(tl.trans(A) * big_g[None, :], b_g / big_g[:, None], DOT, PREC)  # A^T g, [C, DV]
+    gs = (b_g / big_g[:, None]).to(DOT)
+    if KEYS:
+        keep = o_t[:, None] <= o_t[None, :]  # [key, query]
+        s1, s2, s3 = hadamard_block(
+            x1, x2, x3, y1, y2, y3, rows, mask_t, keep, R1, R2, R3, RP1, RP2, RP3, P, DOT, PREC
+        )  # fmt: skip
+        dA = tl.dot(b_v.to(DOT), tl.trans(gs), input_precision=PREC) * big_g[None, :] + b_w[None, :]
     else:
-        b_dv = row_scaled_dot(tl.trans(A), b_g, DOT, PREC)
-    # inter-chunk
-    base = (i_c.to(tl.int64) * H + i_h) * M
-    add_state_grads(
-        x1, x2, x3, dq1, dq2, dq3, rows, mask_t, b_g, b_w, hs, hz, base,
-        DV, R1, R2, R3, P, C, B1, B2, B3, NM, PREC, False,
-    )  # fmt: skip
-    b_dv += add_state_grads(
-        y1, y2, y3, dk1, dk2, dk3, rows, mask_t, b_v, tl.full([C], 1.0, tl.float32), dhs, dhz, base,
-        DV, R1, R2, R3, P, C, B1, B2, B3, NM, PREC, True,
-    )  # fmt: skip
-    tl.store(dv + rows[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=mask_t[:, None])
+        keep = o_t[:, None] >= o_t[None, :]  # [query, key]
+        s1, s2, s3 = hadamard_block(
+            x1, x2, x3, y1, y2, y3, rows, mask_t, keep, R1, R2, R3, RP1, RP2, RP3, P, DOT, PREC
+        )  # fmt: skip
+        dA = tl.dot(gs, tl.trans(b_v.to(DOT)), input_precision=PREC) * big_g[:, None] + b_w[:, None]
+    dA = tl.where(keep, dA, 0)  # [C, C]
+    add_intra_grads(dx1, dx2, dx3, y1, y2, y3, dA, s1, s2, s3, rows, mask_t, R1, R2, R3, RP1, RP2, RP3, P, DOT, PREC)
+    if KEYS:
+        A = s1  # A^T [key, query]
+        if P >= 2:
+            A *= s2
+        if P == 3:
+            A *= s3
+        b_dv = row_scaled_dot(A * big_g[None, :], gs, DOT, PREC)  # A^T g, [C, DV]
+        b_dv += add_state_grads(
+            x1, x2, x3, dx1, dx2, dx3, rows, mask_t, b_v, tl.full([C], 1.0, tl.float32), hs, hz, base,
+            DV, R1, R2, R3, P, C, B1, B2, B3, NM, PREC, True,
+        )  # fmt: skip
+        tl.store(dv + rows[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=mask_t[:, None])
+    else:
+        add_state_grads(
+            x1, x2, x3, dx1, dx2, dx3, rows, mask_t, b_g, b_w, hs, hz, base,
+            DV, R1, R2, R3, P, C, B1, B2, B3, NM, PREC, False,
+        )  # fmt: skip
 
 
 def _chunk_index(cu_seqlens: torch.Tensor | None, seqs, C: int, device):
@@ -651,20 +692,25 @@ def chunk_bwd(
     dhs, dhz, dS0, dz0 = _chunk_states(
         q, g, w, dS.float().contiguous(), dz.float().contiguous(), seqs, index, C, True, v.dtype
     )
-    dq = [torch.zeros(x.shape, dtype=torch.float32, device=v.device) for x in q]
-    dk = [torch.zeros(x.shape, dtype=torch.float32, device=v.device) for x in k]
     dv = empty(v.shape, v.dtype, v.device)
     R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
     DOT, PREC = dot_config(v.dtype)
     NT, _, chunk_seq, chunk_tok = index
-    chunk_bwd_kernel[(NT, H)](
-        *_factors3(q), *_factors3(k), v, g, w, hs, hz, dhs, dhz, *_factors3(dq), *_factors3(dk), dv,
-        seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ,
-        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
-    )  # fmt: skip
+
+    def side(x, y, states, keys):
+        dx = [torch.zeros(t.shape, dtype=torch.float32, device=v.device) for t in x]
+        chunk_bwd_kernel[(NT, H)](
+            *_factors3(x), *_factors3(y), v, g, w, *states, *_factors3(dx), dv,
+            seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ,
+            H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, KEYS=keys, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
+        )  # fmt: skip
+        return [d.to(t.dtype) for d, t in zip(dx, x)]
+
+    dq = side(q, k, (hs, hz), False)
+    dk = side(k, q, (dhs, dhz), True)
     if S0 is None:
         dS0, dz0 = v.new_empty(0, dtype=torch.float32), v.new_empty(0, dtype=torch.float32)
-    return [d.to(x.dtype) for d, x in zip(dq, q)], [d.to(x.dtype) for d, x in zip(dk, k)], dv, dS0, dz0
+    return dq, dk, dv, dS0, dz0
 
 
 @chunk_bwd.register_fake

@@ -22,6 +22,36 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# ptxas before 13.3 schedules a Hopper wgmma whose first operand is in registers against the instructions that
+# write those registers (triton-lang/triton#9433, fixed in ptxas 13.3); Triton 3.6 bundles ptxas 12.8
+REGISTER_WGMMA_PTXAS = (13, 3)
+
+
+def register_wgmma_hazard(device: torch.device) -> bool:
+    """True on a Hopper GPU (sm_90) when Triton compiles with a ptxas older than 13.3 (``TRITON_PTXAS_PATH`` picks
+    another one): kernels that feed ``tl.dot`` from registers must then avoid wgmma (see ``safe_configs``)."""
+    if device.type != "cuda" or interpreting() or torch.cuda.get_device_capability(device)[0] != 9:
+        return False
+    return ptxas_version() < REGISTER_WGMMA_PTXAS
+
+
+def ptxas_version() -> tuple[int, ...]:
+    """Version of the ptxas Triton compiles with (``TRITON_PTXAS_PATH``, else the one it bundles)."""
+    return tuple(int(x) for x in triton.knobs.nvidia.ptxas.version.split("."))
+
+
+def safe_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """``early_config_prune`` of the causal kernels: with ``register_wgmma_hazard``, only their ``num_warps = 2``
+    candidates (Triton emits wgmma for multiples of 4 warps only, mma.sync otherwise), else the others.
+
+    H100, Triton 3.6 (ptxas 12.8), 2026-11-26: with wgmma the causal backward gave NaN or wrong factor gradients and
+    once an illegal memory access; both ``num_warps = 2`` and ptxas 13.5 passed every case."""
+    device = next(a.device for a in named_args.values() if isinstance(a, torch.Tensor))
+    two = register_wgmma_hazard(device)
+    kept = [c for c in configs if (c.num_warps == 2) == two]
+    return kept or configs
+
+
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every output the kernels write in full is allocated here (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)

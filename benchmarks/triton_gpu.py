@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.testing
 
+from hadamard_attn import hadamard_attn_step
 from hadamard_attn.ops.chunk import chunk_hadamard_attn
 from hadamard_attn.ops.naive import naive_hadamard_attn
 from hadamard_attn.ops.parallel import parallel_hadamard_attn
@@ -177,6 +178,38 @@ def check(large: bool, causal: bool = False, small: bool = True) -> bool:
             ok &= finite
     for kern in KERNELS:
         kern.configs, kern.cache = full[kern], {}
+    return ok
+
+
+def check_step() -> bool:
+    """Decode step: the Triton kernel against the torch step in float64, then both timed (H=32, Dv=128, from a
+    state); bandwidth on the state bytes read and written (fp32, 2 x B x H x M x Dv x 4)."""
+    ok, H, Dv = True, 32, 128
+    log("step: Triton decode kernel vs the torch step (float64 reference; then do_bench medians)")
+    for B, widths, dtype in ((1, (16, 16), torch.bfloat16), (8, (16, 16), torch.bfloat16),
+                             (1, (32, 32), torch.bfloat16), (4, (64, 4), torch.float32)):  # fmt: skip
+        M = math.prod(widths)
+        q = [torch.rand(B, H, r, device=DEV).div(r / 2).to(dtype) for r in widths]
+        k = [torch.rand(B, H, r, device=DEV).div(r / 2).to(dtype) for r in widths]
+        v = torch.randn(B, H, Dv, device=DEV, dtype=dtype)
+        st = (torch.randn(B, H, M, Dv, device=DEV), torch.rand(B, H, M, device=DEV) + 1)
+        with torch.no_grad():
+            o, (S, z) = hadamard_attn_step(q, k, v, st, backend="triton")
+            d = [x.double() for x in (*q, *k, v)]
+            o2, (S2, z2) = hadamard_attn_step(d[: len(q)], d[len(q) : -1], d[-1], tuple(x.double() for x in st))
+            errs = [rel(o, o2), rel(S, S2), rel(z, z2)]
+            good = all(torch.isfinite(t).all().item() for t in (o, S, z)) and all(e < TOL[dtype] * 2 for e in errs)
+            ms, ms_torch = (
+                bench_ms(lambda b=backend, a=(q, k, v, st): hadamard_attn_step(*a, backend=b))
+                for backend in ("triton", "recurrent")
+            )
+        gbs = 2 * B * H * M * Dv * 4 / ms / 1e6
+        log(
+            f"  {'ok ' if good else 'BAD'} B={B} {'x'.join(map(str, widths))} {str(dtype)[6:]}: o/S/z "
+            f"{errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e}; triton {ms * 1e3:.1f} us ({gbs:.0f} GB/s), "
+            f"torch {ms_torch * 1e3:.1f} us"
+        )
+        ok &= good
     return ok
 
 
@@ -346,6 +379,7 @@ def main():
     p.add_argument("--no-large", action="store_true")
     p.add_argument("--large-only", action="store_true", help="only the large cases of the check")
     p.add_argument("--no-bench", action="store_true", help="the check only")
+    p.add_argument("--step", action="store_true", help="only the decode step: check and timings")
     p.add_argument("--ns", default="4096,16384,32760,75600,131072")
     p.add_argument("--widths", default="16x16,32x32,64x4,64x64,16x16x16")
     p.add_argument("--causal", action="store_true", help="causal HLA: chunked kernels vs causal SDPA, torch chunk, fla")
@@ -363,6 +397,8 @@ def main():
     log(f"device {props.name}, {props.multi_processor_count} SMs")
     log(f"torch {torch.__version__}; triton {triton.__version__}; python {sys.version.split()[0]}")
     log(f"date {time.strftime('%Y-%m-%d')}")
+    if a.step:
+        sys.exit(0 if check_step() else 1)
     ok = True
     if not a.skip_check:
         t0 = time.time()

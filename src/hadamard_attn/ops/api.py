@@ -17,6 +17,7 @@ Factors = torch.Tensor | Sequence[torch.Tensor]
 State = tuple[torch.Tensor, torch.Tensor]
 
 BACKENDS = ("auto", "naive", "parallel", "chunk", "recurrent", "triton")
+STEP_BACKENDS = ("auto", "recurrent", "triton")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -256,6 +257,7 @@ def hadamard_attn_step(
     *,
     normalize: bool = True,
     eps: float = 1e-6,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, State]:
     """One causal decode step: add token t to the state, then read it with the query.
 
@@ -265,15 +267,34 @@ def hadamard_attn_step(
         state: ``(S [B, H, M, Dv], z [B, H, M])`` from :func:`hadamard_attn` with ``output_final_state=True``
             or from an earlier step; None starts from an empty state.
 
+        backend: ``"auto"`` (the Triton kernel on CUDA where it takes the inputs and no gradient is needed, else
+            ``"recurrent"``), ``"recurrent"`` (torch, differentiable) or ``"triton"`` (one fused kernel that reads
+            and writes the state once; inference only).
+
     Returns:
-        ``(o [B, H, Dv], new_state)``; equal to the causal ``hadamard_attn`` output for that token.
+        ``(o [B, H, Dv], new_state)``; equal to the causal ``hadamard_attn`` output for that token. The new state
+        is a new pair of tensors; ``state`` is not modified.
     """
     _check_v(v, 3)
     q, k = _as_factors(q, "q", 3), _as_factors(k, "k", 3)
     _check_factors(q, k, v)
     check_eps(eps)
     check_flag(normalize, "normalize")
+    if backend not in STEP_BACKENDS:
+        raise ValueError(f"backend: expected one of {STEP_BACKENDS} for a decode step, got {backend!r}")
     B, H, Dv = v.shape
     if state is not None:
         _check_state(state, B, H, feature_size(q), Dv, v, "state")
+    tensors = (*q, *k, v, *(state or ()))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if backend == "auto":
+        backend = "triton" if v.is_cuda and not needs_grad and _triton_reason(q, k, v, True) is None else "recurrent"
+    elif backend == "triton":
+        reason = "the Triton step has no backward" if needs_grad else _triton_reason(q, k, v, True)
+        if reason is not None:
+            raise ValueError(f"backend='triton': {reason}")
+    if backend == "triton":
+        from .triton import step_hadamard_attn_triton
+
+        return step_hadamard_attn_triton(q, k, v, state, normalize, eps)
     return step_hadamard_attn(q, k, v, state, normalize, eps)

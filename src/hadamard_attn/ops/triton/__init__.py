@@ -13,8 +13,15 @@ import torch
 
 from .chunk import chunk_hadamard_attn_triton
 from .parallel import parallel_hadamard_attn_triton
+from .step import step_hadamard_attn_triton
 
-__all__ = ["chunk_hadamard_attn_triton", "parallel_hadamard_attn_triton", "triton_hadamard_attn", "unsupported_reason"]
+__all__ = [
+    "chunk_hadamard_attn_triton",
+    "parallel_hadamard_attn_triton",
+    "step_hadamard_attn_triton",
+    "triton_hadamard_attn",
+    "unsupported_reason",
+]
 
 State = tuple[torch.Tensor, torch.Tensor]
 

@@ -69,6 +69,7 @@ from .utils import (
     safe_configs,
     seq_bounds,
     sequences,
+    traced,
     widths3,
 )
 
@@ -606,8 +607,7 @@ def _chunk_states(x, v, w, S0, z0, seqs, index, C: int, reverse: bool, dtype: to
     return hs, hz, S, z
 
 
-@torch.library.custom_op("hadamard_attn::chunk_fwd", mutates_args=())
-def chunk_fwd(
+def _chunk_fwd(
     q: list[torch.Tensor],
     k: list[torch.Tensor],
     v: torch.Tensor,
@@ -643,13 +643,15 @@ def chunk_fwd(
     return o, S, z, den
 
 
+chunk_fwd = torch.library.custom_op("hadamard_attn::chunk_fwd", _chunk_fwd, mutates_args=())
+
+
 @chunk_fwd.register_fake
 def _(q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size):
     return fake_forward_outputs(q, v, cu_seqlens)
 
 
-@torch.library.custom_op("hadamard_attn::chunk_bwd", mutates_args=())
-def chunk_bwd(
+def _chunk_bwd(
     q: list[torch.Tensor],
     k: list[torch.Tensor],
     v: torch.Tensor,
@@ -713,6 +715,9 @@ def chunk_bwd(
     return dq, dk, dv, dS0, dz0
 
 
+chunk_bwd = torch.library.custom_op("hadamard_attn::chunk_bwd", _chunk_bwd, mutates_args=())
+
+
 @chunk_bwd.register_fake
 def _(q, k, v, o, den, S0, z0, cu_seqlens, do, dS, dz, normalize, eps, chunk_size):
     f32 = dict(dtype=torch.float32)
@@ -727,12 +732,12 @@ def _(q, k, v, o, den, S0, z0, cu_seqlens, do, dS, dz, normalize, eps, chunk_siz
 
 class ChunkHLATriton(torch.autograd.Function):
     """Autograd around the custom ops ``hadamard_attn::chunk_fwd`` / ``chunk_bwd`` (no graph break under
-    ``torch.compile``)."""
+    ``torch.compile``; their Python functions in eager mode, see ``traced``)."""
 
     @staticmethod
     def forward(ctx, P, normalize, eps, chunk_size, cu_seqlens, v, S0, z0, *factors):
         q, k = list(factors[:P]), list(factors[P:])
-        o, S, z, den = chunk_fwd(q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size)
+        o, S, z, den = traced(chunk_fwd, _chunk_fwd)(q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size)
         ctx.save_for_backward(v, o, den, S0, z0, cu_seqlens, *factors)
         ctx.cfg = (P, normalize, eps, chunk_size)
         return o, S, z
@@ -741,7 +746,7 @@ class ChunkHLATriton(torch.autograd.Function):
     def backward(ctx, do, dS, dz):
         P, normalize, eps, C = ctx.cfg
         v, o, den, S0, z0, cu_seqlens, *factors = ctx.saved_tensors
-        dq, dk, dv, dS0, dz0 = chunk_bwd(
+        dq, dk, dv, dS0, dz0 = traced(chunk_bwd, _chunk_bwd)(
             factors[:P], factors[P:], v, o, den, S0, z0, cu_seqlens, do, dS, dz, normalize, eps, C
         )
         if S0 is None:

@@ -38,6 +38,7 @@ from .utils import (
     seq_bounds,
     seq_of,
     sequences,
+    traced,
     widths3,
 )
 
@@ -441,8 +442,7 @@ def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, den=None,
     return dx
 
 
-@torch.library.custom_op("hadamard_attn::parallel_fwd", mutates_args=())
-def parallel_fwd(
+def _parallel_fwd(
     q: list[torch.Tensor],
     k: list[torch.Tensor],
     v: torch.Tensor,
@@ -481,13 +481,15 @@ def parallel_fwd(
     return o, S, z, den
 
 
+parallel_fwd = torch.library.custom_op("hadamard_attn::parallel_fwd", _parallel_fwd, mutates_args=())
+
+
 @parallel_fwd.register_fake
 def _(q, k, v, S0, z0, cu_seqlens, normalize, eps):
     return fake_forward_outputs(q, v, cu_seqlens)
 
 
-@torch.library.custom_op("hadamard_attn::parallel_bwd", mutates_args=())
-def parallel_bwd(
+def _parallel_bwd(
     q: list[torch.Tensor],
     k: list[torch.Tensor],
     v: torch.Tensor,
@@ -522,6 +524,9 @@ def parallel_bwd(
     return [d.to(x.dtype) for d, x in zip(dq, q)], [d.to(x.dtype) for d, x in zip(dk, k)], dv, dS_tot, dz_tot
 
 
+parallel_bwd = torch.library.custom_op("hadamard_attn::parallel_bwd", _parallel_bwd, mutates_args=())
+
+
 @parallel_bwd.register_fake
 def _(q, k, v, o, den, S, z, do, dS, dz, cu_seqlens, normalize, eps):
     return (
@@ -535,12 +540,12 @@ def _(q, k, v, o, den, S, z, do, dS, dz, cu_seqlens, normalize, eps):
 
 class ParallelHLA(torch.autograd.Function):
     """Autograd around the two custom ops (cheaper per call than ``register_autograd``; traced by
-    ``torch.compile`` all the same)."""
+    ``torch.compile`` all the same; their Python functions in eager mode, see ``traced``)."""
 
     @staticmethod
     def forward(ctx, P, normalize, eps, cu_seqlens, v, S0, z0, *factors):
         q, k = list(factors[:P]), list(factors[P:])
-        o, S, z, den = parallel_fwd(q, k, v, S0, z0, cu_seqlens, normalize, eps)
+        o, S, z, den = traced(parallel_fwd, _parallel_fwd)(q, k, v, S0, z0, cu_seqlens, normalize, eps)
         ctx.save_for_backward(v, o, den, S, z, cu_seqlens, *factors)
         ctx.cfg = (P, normalize, eps, S0 is not None)
         return o, S, z
@@ -551,7 +556,7 @@ class ParallelHLA(torch.autograd.Function):
         v, o, den, S, z, cu_seqlens, *factors = ctx.saved_tensors
         dS = torch.zeros_like(S) if dS is None else dS
         dz = torch.zeros_like(z) if dz is None else dz
-        dq, dk, dv, dS0, dz0 = parallel_bwd(
+        dq, dk, dv, dS0, dz0 = traced(parallel_bwd, _parallel_bwd)(
             factors[:P], factors[P:], v, o, den, S, z, do, dS, dz, cu_seqlens, normalize, eps
         )
         if not has_init:

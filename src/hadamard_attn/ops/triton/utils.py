@@ -52,6 +52,12 @@ def safe_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> li
     return kept or configs
 
 
+def traced(op, fn):
+    """The custom op ``op`` while ``torch.compile`` traces (no graph break around the kernels), else its Python
+    function ``fn``: in eager mode the dispatcher round trip costs about 0.1 ms a call on an H100 host."""
+    return op if torch.compiler.is_compiling() else fn
+
+
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every output the kernels write in full is allocated here (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)

@@ -34,8 +34,10 @@ def leaf_names(P, with_state):
 
 
 def compare(ref, out, names, tol):
+    # float64: an absolute floor of 1e-12 for quantities near zero next to O(1) terms (hypothesis found dq of a
+    # width-1 factor at RMS 1e-5 with a 2.4e-14 rounding difference, T = 2)
     for name, r, x in zip(names, ref, out, strict=True):
-        assert_close(name, r, x, tol, atol=1e-14 if r.dtype == torch.float64 else 0.0)
+        assert_close(name, r, x, tol, atol=1e-12 if r.dtype == torch.float64 else 0.0)
 
 
 def check_against_naive(backend, B, T, widths, causal, normalize, with_state, seed, tol=1e-10, **kw):

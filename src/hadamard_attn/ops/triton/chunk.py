@@ -55,14 +55,17 @@ import triton.language as tl
 from .parallel import _configs
 from .utils import (
     add_factor_grad,
-    block_heuristics,
+    at_least,
+    at_most,
     dot_config,
     dot_dtype,
     empty,
     factor_block,
     fake_forward_outputs,
     interpreting,
+    kr_block,
     kr_tile,
+    kr_tile_count,
     kr_tile_grads,
     kr_tile_t,
     register_wgmma_hazard,
@@ -113,7 +116,6 @@ def default_chunk_size() -> int:
     prune_configs_by={"early_config_prune": safe_configs},
     key=["R1", "R2", "R3", "DV", "P", "C", "HAS_INIT", "REVERSE", "DOT"],
 )
-@triton.heuristics({**block_heuristics(), "BV": lambda a: min(a["BV"], a["DV"])})
 @triton.jit(do_not_specialize=["T_SEQ"])
 def chunk_state_kernel(
     x1,
@@ -144,10 +146,6 @@ def chunk_state_kernel(
     PREC: tl.constexpr,
     BM: tl.constexpr,
     BV: tl.constexpr,
-    B1: tl.constexpr,
-    B2: tl.constexpr,
-    B3: tl.constexpr,
-    NM: tl.constexpr,
 ):
     """One state tile of one sequence and head through its chunks: ``hs[c], hz[c]`` = the state entering chunk
     ``c``, then ``S, z`` = the final state (fp32 ``[N, H, M, DV]``, ``[N, H, M]``); the state starts at
@@ -159,13 +157,17 @@ def chunk_state_kernel(
     initial state. ``chunk_offsets [N]``: index of each sequence's first chunk (varlen).
     Grid: (M tiles * Dv tiles, N * H).
     """
+    B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
+    B2: tl.constexpr = kr_block(2, R1, R2, R3, BM)
+    B3: tl.constexpr = kr_block(3, R1, R2, R3, BM)
+    BD: tl.constexpr = at_most(BV, DV)  # the Dv tile
     i_mv, i_nh = tl.program_id(0), tl.program_id(1)
-    i_m, i_v = i_mv // tl.cdiv(DV, BV), i_mv % tl.cdiv(DV, BV)
+    i_m, i_v = i_mv // tl.cdiv(DV, BD), i_mv % tl.cdiv(DV, BD)
     i_n, i_h = i_nh // H, i_nh % H
     M: tl.constexpr = R1 * R2 * R3
     BMA: tl.constexpr = B1 * B2 * B3
     o_m = i_m * BMA + tl.arange(0, BMA)
-    o_v = i_v * BV + tl.arange(0, BV)
+    o_v = i_v * BD + tl.arange(0, BD)
     mask_m = o_m < M
     mask_z = mask_m & (i_v == 0)
     bos, eos = seq_bounds(cu_seqlens, i_n, T_SEQ, IS_VARLEN)
@@ -174,7 +176,7 @@ def chunk_state_kernel(
     else:
         c0 = i_n * tl.cdiv(T_SEQ, C)
     base = i_nh.to(tl.int64)
-    b_s = tl.zeros([BMA, BV], dtype=tl.float32)
+    b_s = tl.zeros([BMA, BD], dtype=tl.float32)
     b_z = tl.zeros([BMA], dtype=tl.float32)
     if HAS_INIT:
         b_s += tl.load(S0 + base * (M * DV) + o_m[:, None] * DV + o_v[None, :], mask=mask_m[:, None], other=0)
@@ -195,7 +197,7 @@ def chunk_state_kernel(
         rows = o_t * H + i_h
         # [BMA, C]
         phi_t = kr_tile_t(x1, x2, x3, rows, mask_t, i_m, C, R1, R2, R3, B1, B2, B3, P)
-        # [C, BV]
+        # [C, BD]
         b_v = tl.load(v + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0)
         if REVERSE and DOT == tl.float16:
             # g = do / (den + eps) reaches do / eps on a query with no keys (padding): beyond fp16's range, so
@@ -273,15 +275,6 @@ def hadamard_block(
     prune_configs_by={"early_config_prune": safe_configs},
     key=["R1", "R2", "R3", "DV", "P", "C", "NORMALIZE", "DOT"],
 )
-@triton.heuristics(
-    {
-        **block_heuristics(),
-        "BV": lambda a: min(a["BV"], a["DV"]),
-        "RP1": lambda a: max(a["R1"], 16),
-        "RP2": lambda a: max(a["R2"], 16),
-        "RP3": lambda a: max(a["R3"], 16),
-    }
-)
 @triton.jit(do_not_specialize=["T_SEQ"])
 def chunk_output_kernel(
     x1,
@@ -313,13 +306,6 @@ def chunk_output_kernel(
     PREC: tl.constexpr,
     BM: tl.constexpr,
     BV: tl.constexpr,
-    B1: tl.constexpr,
-    B2: tl.constexpr,
-    B3: tl.constexpr,
-    NM: tl.constexpr,
-    RP1: tl.constexpr,
-    RP2: tl.constexpr,
-    RP3: tl.constexpr,
 ):
     """``o_c = (A_c V_c + phi(Q_c) S_c) / (rowsum(A_c) + phi(Q_c) z_c + eps)`` for one chunk and Dv tile; the
     denominators ``rowsum(A_c) + phi(Q_c) z_c`` go to ``dens [TT, H]`` (fp32, for the backward).
@@ -327,6 +313,14 @@ def chunk_output_kernel(
     ``x*, y*``: query and key factors ``[TT, H, R_f]``; ``hs, hz``: the states entering the chunks;
     ``chunk_seq, chunk_tok [NT]``: sequence and first token of each chunk (varlen). Grid: (NT, Dv tiles, H).
     """
+    B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
+    B2: tl.constexpr = kr_block(2, R1, R2, R3, BM)
+    B3: tl.constexpr = kr_block(3, R1, R2, R3, BM)
+    NM: tl.constexpr = kr_tile_count(R1, R2, R3, BM)
+    BD: tl.constexpr = at_most(BV, DV)  # the Dv tile
+    RP1: tl.constexpr = at_least(R1, 16)  # widths padded for tl.dot
+    RP2: tl.constexpr = at_least(R2, 16)  # widths padded for tl.dot
+    RP3: tl.constexpr = at_least(R3, 16)  # widths padded for tl.dot
     i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     M: tl.constexpr = R1 * R2 * R3
     BMA: tl.constexpr = B1 * B2 * B3
@@ -338,7 +332,7 @@ def chunk_output_kernel(
         t0 = i_n * T_SEQ + (i_c % tl.cdiv(T_SEQ, C)) * C
     eos = seq_bounds(cu_seqlens, i_n, T_SEQ, IS_VARLEN)[1]
     o_t = t0 + tl.arange(0, C)
-    o_v = i_v * BV + tl.arange(0, BV)
+    o_v = i_v * BD + tl.arange(0, BD)
     mask_t = o_t < eos
     rows = o_t * H + i_h
     # intra-chunk: the masked Hadamard block, [C, C]
@@ -350,7 +344,7 @@ def chunk_output_kernel(
     if P == 3:
         A *= s3
     den = tl.sum(A, 1)  # [C]
-    # [C, BV]
+    # [C, BD]
     b_v = tl.load(v + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0)
     acc = row_scaled_dot(A, b_v, DOT, PREC)
     # inter-chunk: the state entering the chunk
@@ -359,7 +353,7 @@ def chunk_output_kernel(
         phi, _, _, _, _, _, _ = kr_tile(x1, x2, x3, rows, mask_t, i_m, C, R1, R2, R3, B1, B2, B3, P)  # [C, BMA]
         o_m = i_m * BMA + tl.arange(0, BMA)
         mask_m = o_m < M
-        # [BMA, BV]
+        # [BMA, BD]
         b_s = tl.load(hs + (base + o_m[:, None]) * DV + o_v[None, :], mask=mask_m[:, None], other=0)
         acc += tl.dot(phi.to(b_s.dtype), b_s, input_precision=PREC)
         if NORMALIZE:
@@ -438,14 +432,6 @@ def add_state_grads(
     key=["R1", "R2", "R3", "DV", "P", "C", "KEYS", "DOT"],
     reset_to_zero=["dx1", "dx2", "dx3"],
 )
-@triton.heuristics(
-    {
-        **block_heuristics(),
-        "RP1": lambda a: max(a["R1"], 16),
-        "RP2": lambda a: max(a["R2"], 16),
-        "RP3": lambda a: max(a["R3"], 16),
-    }
-)
 @triton.jit(do_not_specialize=["T_SEQ"])
 def chunk_bwd_kernel(
     x1,
@@ -479,13 +465,6 @@ def chunk_bwd_kernel(
     DOT: tl.constexpr,
     PREC: tl.constexpr,
     BM: tl.constexpr,
-    B1: tl.constexpr,
-    B2: tl.constexpr,
-    B3: tl.constexpr,
-    NM: tl.constexpr,
-    RP1: tl.constexpr,
-    RP2: tl.constexpr,
-    RP3: tl.constexpr,
 ):
     """Gradients of one side of one chunk, given ``g`` (d numerator, ``[TT, H, DV]`` fp32) and ``w`` (d
     denominator, ``[TT, H]``). ``x*``: the factors of that side, ``y*``: those of the other one.
@@ -499,6 +478,13 @@ def chunk_bwd_kernel(
 
     ``dx*`` fp32 (atomics), ``dv`` in the input dtype. Grid: (NT, H).
     """
+    B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
+    B2: tl.constexpr = kr_block(2, R1, R2, R3, BM)
+    B3: tl.constexpr = kr_block(3, R1, R2, R3, BM)
+    NM: tl.constexpr = kr_tile_count(R1, R2, R3, BM)
+    RP1: tl.constexpr = at_least(R1, 16)  # widths padded for tl.dot
+    RP2: tl.constexpr = at_least(R2, 16)  # widths padded for tl.dot
+    RP3: tl.constexpr = at_least(R3, 16)  # widths padded for tl.dot
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     M: tl.constexpr = R1 * R2 * R3
     if IS_VARLEN:
@@ -598,7 +584,11 @@ def _chunk_states(x, v, w, S0, z0, seqs, index, C: int, reverse: bool, dtype: to
     S = empty((seqs.N, H, M, Dv), torch.float32, v.device)
     z = empty((seqs.N, H, M), torch.float32, v.device)
     has_init = S0 is not None
-    chunk_state_kernel[lambda meta: (meta["NM"] * triton.cdiv(Dv, meta["BV"]), seqs.N * H)](
+
+    def grid(meta):
+        return kr_tile_count(R1, R2, R3, meta["BM"]) * triton.cdiv(Dv, min(meta["BV"], Dv)), seqs.N * H
+
+    chunk_state_kernel[grid](
         x1, x2, x3, v, w if w is not None else v, S0 if has_init else S, z0 if has_init else z, hs, hz, S, z,
         seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ,
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(x), C=C, HAS_INIT=has_init, REVERSE=reverse,
@@ -635,7 +625,7 @@ def _chunk_fwd(
     R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
     DOT, PREC = dot_config(v.dtype)
     NT, _, chunk_seq, chunk_tok = index
-    chunk_output_kernel[lambda meta: (NT, triton.cdiv(Dv, meta["BV"]), H)](
+    chunk_output_kernel[lambda meta: (NT, triton.cdiv(Dv, min(meta["BV"], Dv)), H)](
         *_factors3(q), *_factors3(k), v, hs, hz, o, den, seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps,
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
         DOT=DOT, PREC=PREC,

@@ -18,6 +18,7 @@ ranges, each with its own state. A block of tokens that straddles sequences is h
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,13 +27,15 @@ import triton.language as tl
 
 from .utils import (
     add_factor_grad,
-    block_heuristics,
+    at_most,
     dot_config,
     dot_dtype,
     empty,
     fake_forward_outputs,
     interpreting,
+    kr_block,
     kr_tile,
+    kr_tile_count,
     kr_tile_grads,
     kr_tile_t,
     seq_bounds,
@@ -54,6 +57,7 @@ def _configs(*candidates: tuple[int, ...], keys: str) -> list[triton.Config]:
     return [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1]) for c in candidates]
 
 
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
@@ -70,7 +74,6 @@ def _num_sms(device: torch.device) -> int:
     key=["R1", "R2", "R3", "DV", "P", "W_MODE", "SCALE", "DOT"],
     restore_value=["S", "z"],
 )
-@triton.heuristics({**block_heuristics(), "BV": lambda a: min(a["BV"], a["DV"])})
 @triton.jit(do_not_specialize=["TT", "T_SEQ"])
 def state_kernel(
     x1,
@@ -100,10 +103,6 @@ def state_kernel(
     BT: tl.constexpr,
     BM: tl.constexpr,
     BV: tl.constexpr,
-    B1: tl.constexpr,
-    B2: tl.constexpr,
-    B3: tl.constexpr,
-    NM: tl.constexpr,
 ):
     """``S[n, h] += phi(x)^T v``, ``z[n, h] += phi(x)^T w`` over one split of the flat tokens (fp32 atomics).
 
@@ -112,8 +111,12 @@ def state_kernel(
     ``g = do / (den + eps)``, ``w = -sum(do * o) / (den + eps)``).
     Grid: (M tiles * Dv tiles, splits, H).
     """
+    B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
+    B2: tl.constexpr = kr_block(2, R1, R2, R3, BM)
+    B3: tl.constexpr = kr_block(3, R1, R2, R3, BM)
+    BD: tl.constexpr = at_most(BV, DV)  # the Dv tile
     i_mv, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_m, i_v = i_mv // tl.cdiv(DV, BV), i_mv % tl.cdiv(DV, BV)
+    i_m, i_v = i_mv // tl.cdiv(DV, BD), i_mv % tl.cdiv(DV, BD)
     M: tl.constexpr = R1 * R2 * R3
     BMA: tl.constexpr = B1 * B2 * B3
     # tokens of this split: [c0, c1)
@@ -121,13 +124,13 @@ def state_kernel(
     c0 = i_s * chunk
     c1 = tl.minimum(c0 + chunk, TT)
     if c0 < c1:
-        o_v = i_v * BV + tl.arange(0, BV)
+        o_v = i_v * BD + tl.arange(0, BD)
         o_m = i_m * BMA + tl.arange(0, BMA)
         o_c = tl.arange(0, 16)
         for n in range(seq_of(seq_ids, c0, T_SEQ, IS_VARLEN), seq_of(seq_ids, c1 - 1, T_SEQ, IS_VARLEN) + 1):
             bos, eos = seq_bounds(cu_seqlens, n, T_SEQ, IS_VARLEN)
             t_end = tl.minimum(c1, eos)
-            acc = tl.zeros([BMA, BV], dtype=tl.float32)
+            acc = tl.zeros([BMA, BD], dtype=tl.float32)
             zacc = tl.zeros([BMA, 16], dtype=tl.float32)
             for t0 in range(tl.maximum(c0, bos), t_end, BT):
                 o_t = t0 + tl.arange(0, BT)
@@ -138,7 +141,7 @@ def state_kernel(
                 if SCALE:
                     phi_t = phi_t / (tl.load(den + rows, mask=mask_t, other=0) + eps)[None, :]
                 phi_t = phi_t.to(DOT)
-                # [BT, BV]
+                # [BT, BD]
                 b_v = tl.load(v + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0)
                 acc += tl.dot(phi_t, b_v.to(DOT), input_precision=PREC)
                 if W_MODE == 1:
@@ -165,7 +168,6 @@ def state_kernel(
     ),
     key=["R1", "R2", "R3", "DV", "P", "NORMALIZE", "DOT"],
 )
-@triton.heuristics({**block_heuristics(), "BV": lambda a: min(a["BV"], a["DV"])})
 @triton.jit(do_not_specialize=["TT", "T_SEQ"])
 def readout_kernel(
     x1,
@@ -194,21 +196,22 @@ def readout_kernel(
     BT: tl.constexpr,
     BM: tl.constexpr,
     BV: tl.constexpr,
-    B1: tl.constexpr,
-    B2: tl.constexpr,
-    B3: tl.constexpr,
-    NM: tl.constexpr,
 ):
     """``o = phi(x) S / (phi(x) z + eps)`` for a block of tokens; stores ``den = phi(x) z`` too (fp32 ``[TT, H]``).
 
     ``Sz [N, H, M, DV + 16]`` in ``DOT``: ``S``, then ``z`` split in two columns (high and low part), then zeros;
     divided by ``scale [N, H]`` if ``HAS_SCALE``. Grid: (token blocks, Dv tiles, H).
     """
+    B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
+    B2: tl.constexpr = kr_block(2, R1, R2, R3, BM)
+    B3: tl.constexpr = kr_block(3, R1, R2, R3, BM)
+    NM: tl.constexpr = kr_tile_count(R1, R2, R3, BM)
+    BD: tl.constexpr = at_most(BV, DV)  # the Dv tile
     i_t, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     M: tl.constexpr = R1 * R2 * R3
     BMA: tl.constexpr = B1 * B2 * B3
     o_t = i_t * BT + tl.arange(0, BT)
-    o_v = i_v * BV + tl.arange(0, BV)
+    o_v = i_v * BD + tl.arange(0, BD)
     o_c = DV + tl.arange(0, 16)
     rows = o_t * H + i_h
     t_last = tl.minimum(i_t * BT + BT, TT) - 1
@@ -216,14 +219,14 @@ def readout_kernel(
         bos, eos = seq_bounds(cu_seqlens, n, T_SEQ, IS_VARLEN)
         mask_t = (o_t >= bos) & (o_t < eos)
         p_sz = Sz + (n * H + i_h).to(tl.int64) * (M * (DV + 16))
-        acc = tl.zeros([BT, BV], dtype=tl.float32)
+        acc = tl.zeros([BT, BD], dtype=tl.float32)
         dacc = tl.zeros([BT, 16], dtype=tl.float32)
         for i_m in range(NM):
             phi, _, _, _, _, _, _ = kr_tile(x1, x2, x3, rows, mask_t, i_m, BT, R1, R2, R3, B1, B2, B3, P)
             phi = phi.to(DOT)
             o_m = i_m * BMA + tl.arange(0, BMA)
             mask_m = o_m < M
-            # [BMA, BV]
+            # [BMA, BD]
             b_s = tl.load(p_sz + o_m[:, None] * (DV + 16) + o_v[None, :], mask=mask_m[:, None], other=0)
             acc += tl.dot(phi, b_s, input_precision=PREC)
             if NORMALIZE:
@@ -245,7 +248,6 @@ def readout_kernel(
     key=["R1", "R2", "R3", "DV", "P", "QUERY", "NORMALIZE", "DOT"],
     reset_to_zero=["dx1", "dx2", "dx3"],
 )
-@triton.heuristics(block_heuristics())
 @triton.jit(do_not_specialize=["TT", "T_SEQ"])
 def token_bwd_kernel(
     x1,
@@ -281,10 +283,6 @@ def token_bwd_kernel(
     PREC: tl.constexpr,
     BT: tl.constexpr,
     BM: tl.constexpr,
-    B1: tl.constexpr,
-    B2: tl.constexpr,
-    B3: tl.constexpr,
-    NM: tl.constexpr,
 ):
     """Gradient of the factors on one side, for a block of tokens: ``dphi(x) = G S^T + w z^T`` -> ``dx_f``.
 
@@ -293,6 +291,10 @@ def token_bwd_kernel(
     ``w = 1``, and ``dv = phi(x) S`` is stored too. ``S`` (in ``DOT``), ``z`` are the final state (queries) or
     its gradient (keys). Grid: (token blocks, H).
     """
+    B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
+    B2: tl.constexpr = kr_block(2, R1, R2, R3, BM)
+    B3: tl.constexpr = kr_block(3, R1, R2, R3, BM)
+    NM: tl.constexpr = kr_tile_count(R1, R2, R3, BM)
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     M: tl.constexpr = R1 * R2 * R3
     BMA: tl.constexpr = B1 * B2 * B3
@@ -389,15 +391,42 @@ def _dot_state(S: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) 
     return (S if scale is None else S / scale[..., None, None]).to(dot_dtype(dtype))
 
 
+@triton.jit
+def pack_state_kernel(S, z, scale, Sz, M, DV: tl.constexpr, HAS_SCALE: tl.constexpr, BMP: tl.constexpr):
+    """``Sz[n, h] = [S | z_hi | z_lo | 0] / scale  [M, DV + 16]`` in ``Sz``'s dtype (the dot dtype), from the fp32
+    ``S [N, H, M, DV]``, ``z [N, H, M]`` and ``scale [N, H]``; ``z_hi + z_lo = z / scale`` to ~16 bits.
+    Grid: (M blocks, N * H)."""
+    i_m, i_nh = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BMP + tl.arange(0, BMP)
+    o_v = tl.arange(0, DV)
+    o_c = tl.arange(0, 16)
+    mask = (o_m < M)[:, None]
+    base = i_nh.to(tl.int64) * M
+    b_s = tl.load(S + (base + o_m[:, None]) * DV + o_v[None, :], mask=mask, other=0)  # [BMP, DV]
+    b_z = tl.load(z + base + o_m, mask=o_m < M, other=0)  # [BMP]
+    if HAS_SCALE:
+        sc = tl.load(scale + i_nh)
+        b_s = b_s / sc
+        b_z = b_z / sc
+    dt = Sz.dtype.element_ty
+    z_hi = b_z.to(dt)
+    z_lo = (b_z - z_hi.to(tl.float32)).to(dt)
+    b_c = tl.where(o_c[None, :] == 0, z_hi[:, None], tl.where(o_c[None, :] == 1, z_lo[:, None], 0))  # [BMP, 16]
+    p = Sz + (base + o_m[:, None]) * (DV + 16)
+    tl.store(p + o_v[None, :], b_s.to(dt), mask=mask)
+    tl.store(p + DV + o_c[None, :], b_c.to(dt), mask=mask)
+
+
 def _with_z(S: torch.Tensor, z: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``[S | z_hi | z_lo | 0] / scale  [N, H, M, Dv + 16]`` in the dot dtype; ``z_hi + z_lo = z`` to ~16 bits."""
-    if scale is not None:
-        z = z / scale[..., None]
-    dt = dot_dtype(dtype)
-    z_hi = z.to(dt)
-    z_lo = (z - z_hi.float()).to(dt)
-    pad = torch.zeros(*z.shape, 14, dtype=dt, device=z.device)
-    return torch.cat([_dot_state(S, scale, dtype), z_hi[..., None], z_lo[..., None], pad], dim=-1)
+    """``[S | z_hi | z_lo | 0] / scale  [N, H, M, Dv + 16]`` in the dot dtype of ``dtype`` inputs, in one launch
+    (``pack_state_kernel``)."""
+    N, H, M, Dv = S.shape
+    Sz = empty((N, H, M, Dv + 16), dot_dtype(dtype), S.device)
+    BMP = 16 if interpreting() else 32
+    pack_state_kernel[(triton.cdiv(M, BMP), N * H)](
+        S, z, scale if scale is not None else z, Sz, M, DV=Dv, HAS_SCALE=scale is not None, BMP=BMP
+    )
+    return Sz
 
 
 def _build_state(x, v, S, z, seqs, w_mode, den=None, w=None, eps=0.0):
@@ -411,7 +440,7 @@ def _build_state(x, v, S, z, seqs, w_mode, den=None, w=None, eps=0.0):
     def grid(meta):
         # split the tokens so that there are about 8 programs per SM (H100, (32, 32), N = 32760: 4 per SM
         # left a wave half empty, 0.45 ms; 8 per SM, 0.35 ms; 12, 0.355 ms)
-        tiles = meta["NM"] * triton.cdiv(Dv, meta["BV"]) * H
+        tiles = kr_tile_count(R1, R2, R3, meta["BM"]) * triton.cdiv(Dv, min(meta["BV"], Dv)) * H
         splits = min(triton.cdiv(8 * _num_sms(v.device), tiles), triton.cdiv(TT, 4 * meta["BT"]))
         return tiles // H, max(splits, 1), H
 
@@ -472,7 +501,7 @@ def _parallel_fwd(
     DOT, PREC = dot_config(v.dtype)
     TT = B * T
     scale = _range_scale(S, z, v.dtype)
-    readout_kernel[lambda meta: (triton.cdiv(TT, meta["BT"]), triton.cdiv(Dv, meta["BV"]), H)](
+    readout_kernel[lambda meta: (triton.cdiv(TT, meta["BT"]), triton.cdiv(Dv, min(meta["BV"], Dv)), H)](
         x1, x2, x3, _with_z(S, z, scale, v.dtype), scale if scale is not None else z, o, den,
         seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .parallel import _configs
-from .utils import block_heuristics, empty, kr_tile, traced, widths3
+from .utils import at_most, empty, kr_block, kr_tile, kr_tile_count, traced, widths3
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -29,7 +29,6 @@ State = tuple[torch.Tensor, torch.Tensor]
     configs=_configs((64, 64, 4, 1), (128, 32, 4, 1), (256, 64, 8, 1), keys="BM BV"),
     key=["R1", "R2", "R3", "DV", "P", "HAS_STATE", "NORMALIZE"],
 )
-@triton.heuristics({**block_heuristics(), "BV": lambda a: min(a["BV"], a["DV"])})
 @triton.jit
 def step_kernel(
     q1,
@@ -54,24 +53,25 @@ def step_kernel(
     NORMALIZE: tl.constexpr,
     BM: tl.constexpr,
     BV: tl.constexpr,
-    B1: tl.constexpr,
-    B2: tl.constexpr,
-    B3: tl.constexpr,
-    NM: tl.constexpr,
 ):
     """``S_new = S + phi(k) v^T``, ``z_new = z + phi(k)`` (fp32 ``[N, M, DV]``, ``[N, M]``; ``S, z`` read only if
     ``HAS_STATE``, else 0) and ``o = phi(q) S_new / (phi(q) z_new + eps)`` (``[N, DV]``, without the denominator
     unless ``NORMALIZE``). Factors ``[N, R_f]``, ``v [N, DV]``, ``N`` = batch rows x heads. Grid: (Dv tiles, N).
     """
+    B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
+    B2: tl.constexpr = kr_block(2, R1, R2, R3, BM)
+    B3: tl.constexpr = kr_block(3, R1, R2, R3, BM)
+    NM: tl.constexpr = kr_tile_count(R1, R2, R3, BM)
+    BD: tl.constexpr = at_most(BV, DV)  # the Dv tile
     i_v, i_n = tl.program_id(0), tl.program_id(1)
     M: tl.constexpr = R1 * R2 * R3
     BMA: tl.constexpr = B1 * B2 * B3
     rows = i_n + tl.arange(0, 1)  # [1]: this row of the factors
     mask_r = rows >= 0
-    o_v = i_v * BV + tl.arange(0, BV)
-    b_v = tl.load(v + i_n * DV + o_v).to(tl.float32)  # [BV]
+    o_v = i_v * BD + tl.arange(0, BD)
+    b_v = tl.load(v + i_n * DV + o_v).to(tl.float32)  # [BD]
     base = i_n.to(tl.int64) * M
-    num = tl.zeros([BV], dtype=tl.float32)
+    num = tl.zeros([BD], dtype=tl.float32)
     den = tl.zeros([BMA], dtype=tl.float32)
     for i_m in range(NM):
         o_m = i_m * BMA + tl.arange(0, BMA)
@@ -79,7 +79,7 @@ def step_kernel(
         phi_q = tl.reshape(kr_tile(q1, q2, q3, rows, mask_r, i_m, 1, R1, R2, R3, B1, B2, B3, P)[0], (BMA,))
         phi_k = tl.reshape(kr_tile(k1, k2, k3, rows, mask_r, i_m, 1, R1, R2, R3, B1, B2, B3, P)[0], (BMA,))
         p_s = (base + o_m[:, None]) * DV + o_v[None, :]
-        b_s = phi_k[:, None] * b_v[None, :]  # [BMA, BV]
+        b_s = phi_k[:, None] * b_v[None, :]  # [BMA, BD]
         b_z = phi_k  # [BMA]
         if HAS_STATE:
             b_s += tl.load(S + p_s, mask=mask_m[:, None], other=0)
@@ -113,7 +113,7 @@ def _step(
     z_new = empty((B, H, M), torch.float32, v.device)
     o = empty(v.shape, v.dtype, v.device)
     R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
-    step_kernel[lambda meta: (triton.cdiv(Dv, meta["BV"]), B * H)](
+    step_kernel[lambda meta: (triton.cdiv(Dv, min(meta["BV"], Dv)), B * H)](
         *(q + q[:1] * (3 - len(q))), *(k + k[:1] * (3 - len(k))), v,
         S.contiguous() if has_state else S_new, z.contiguous() if has_state else z_new, S_new, z_new, o, eps,
         DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), HAS_STATE=has_state, NORMALIZE=normalize,

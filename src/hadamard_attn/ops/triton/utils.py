@@ -82,6 +82,7 @@ def widths3(widths: tuple[int, ...]) -> tuple[int, int, int]:
     return tuple(widths) + (1,) * (3 - len(widths))
 
 
+@triton.constexpr_function
 def factor_blocks(R1: int, R2: int, R3: int, BM: int) -> tuple[int, int, int]:
     """Block of each factor in a Khatri-Rao tile of about ``BM`` features, at least 16, inner factors first."""
     B3 = min(R3, BM)
@@ -91,18 +92,31 @@ def factor_blocks(R1: int, R2: int, R3: int, BM: int) -> tuple[int, int, int]:
     return B1, B2, B3
 
 
-def block_heuristics():
-    """``triton.heuristics`` giving ``B1, B2, B3`` (factor blocks) and ``NM`` (tiles over M) from the widths."""
+@triton.constexpr_function
+def kr_tile_count(R1: int, R2: int, R3: int, BM: int) -> int:
+    """Number of Khatri-Rao tiles over the ``M = R1 * R2 * R3`` features for tiles of about ``BM``."""
+    B1, B2, B3 = factor_blocks(R1, R2, R3, BM)
+    return -(-R1 // B1) * -(-R2 // B2) * -(-R3 // B3)
 
-    def blocks(args):
-        return factor_blocks(args["R1"], args["R2"], args["R3"], args["BM"])
 
-    return {
-        "B1": lambda a: blocks(a)[0],
-        "B2": lambda a: blocks(a)[1],
-        "B3": lambda a: blocks(a)[2],
-        "NM": lambda a: math.prod(triton.cdiv(r, b) for r, b in zip((a["R1"], a["R2"], a["R3"]), blocks(a))),
-    }
+# evaluated when a kernel compiles, also callable on the host (per-launch ``triton.heuristics`` cost about 20 us of
+# host time a launch)
+
+
+@triton.constexpr_function
+def kr_block(f: int, R1: int, R2: int, R3: int, BM: int) -> int:
+    """Block of factor ``f`` (1 to 3) in a Khatri-Rao tile (``factor_blocks``), inside a kernel."""
+    return factor_blocks(R1, R2, R3, BM)[f - 1]
+
+
+@triton.constexpr_function
+def at_most(x: int, cap: int) -> int:
+    return min(x, cap)
+
+
+@triton.constexpr_function
+def at_least(x: int, floor: int) -> int:
+    return max(x, floor)
 
 
 class Seqs(NamedTuple):

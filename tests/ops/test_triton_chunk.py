@@ -372,8 +372,9 @@ def test_two_warp_configs_compile_without_wgmma_for_hopper(warps, wgmma):
     out = subprocess.run([sys.executable, str(script), str(warps)], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     counts = json.loads(out.stdout.splitlines()[-1])
-    assert set(counts) == {"chunk_state_kernel", "chunk_output_kernel", "chunk_bwd_kernel"}
+    with_dots = ("chunk_state_kernel", "chunk_output_kernel", "chunk_bwd_kernel")
+    assert set(with_dots) <= set(counts), counts
     if wgmma:
-        assert all(register > 0 for register, _ in counts.values()), counts
+        assert all(counts[name][0] > 0 for name in with_dots), counts
     else:
         assert all(register == shared == 0 for register, shared in counts.values()), counts

@@ -543,6 +543,24 @@ def chunk_bwd_kernel(
         )  # fmt: skip
 
 
+@triton.jit
+def bwd_prep_kernel(do, o, den, g, w, eps, R, DV: tl.constexpr, NORMALIZE: tl.constexpr, BR: tl.constexpr):
+    """The backward's per-(token, head) inputs, rows ``r < R = TT * H``: ``g = do / (den + eps)`` (fp32 ``[R, DV]``)
+    and ``w = -sum(do * o) / (den + eps)`` (``[R]``); ``do`` and 0 without ``NORMALIZE``. Grid: (row blocks,)."""
+    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    mask = o_r < R
+    p = o_r[:, None] * DV + tl.arange(0, DV)[None, :]
+    b_g = tl.load(do + p, mask=mask[:, None], other=0).to(tl.float32)  # [BR, DV]
+    if NORMALIZE:
+        inv = 1.0 / (tl.load(den + o_r, mask=mask, other=0) + eps)
+        b_w = -tl.sum(b_g * tl.load(o + p, mask=mask[:, None], other=0).to(tl.float32), 1) * inv
+        b_g = b_g * inv[:, None]
+    else:
+        b_w = tl.zeros([BR], dtype=tl.float32)
+    tl.store(g + p, b_g, mask=mask[:, None])
+    tl.store(w + o_r, b_w, mask=mask)
+
+
 def _chunk_index(cu_seqlens: torch.Tensor | None, seqs, C: int, device):
     """``(NT, chunk_offsets [N], chunk_seq [NT], chunk_tok [NT])`` (int32): number of chunks, each sequence's
     first chunk, each chunk's sequence and first token; dummies for a dense batch."""
@@ -672,14 +690,12 @@ def _chunk_bwd(
     S0 = None if S0 is None else S0.float().contiguous()
     z0 = None if z0 is None else z0.float().contiguous()
     # d numerator and d denominator per token: g [B, T, H, Dv], w [B, T, H] (fp32)
-    g = do.float()
-    if normalize:
-        inv = 1.0 / (den.view(B, T, H) + eps)
-        w = -(g * o.float()).sum(-1) * inv
-        g = g * inv[..., None]
-    else:
-        w = torch.zeros(B, T, H, dtype=torch.float32, device=v.device)
-    g = g.contiguous()
+    g = empty(v.shape, torch.float32, v.device)
+    w = empty((B, T, H), torch.float32, v.device)
+    BR = 16
+    bwd_prep_kernel[(triton.cdiv(B * T * H, BR),)](
+        do.contiguous(), o.contiguous(), den, g, w, eps, B * T * H, DV=Dv, NORMALIZE=normalize, BR=BR
+    )
     hs, hz, _, _ = _chunk_states(k, v, None, S0, z0, seqs, index, C, False, v.dtype)
     dhs, dhz, dS0, dz0 = _chunk_states(
         q, g, w, dS.float().contiguous(), dz.float().contiguous(), seqs, index, C, True, v.dtype

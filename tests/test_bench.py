@@ -124,3 +124,23 @@ def test_verdict(err, expected, monkeypatch):
 def test_verdict_refuses_a_path_that_raises():
     cfg = BenchConfig(dv=8, widths=((4,),), backend="bogus")
     assert bench.verdict(AttnPath((4,)), False, cfg).startswith("refused: ValueError: backend")
+
+
+def test_host_time_script_runs():
+    """``benchmarks/host_time.py`` (host time per call with the launches stubbed) runs on a machine without a GPU
+    and times every path it names."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "host_time.py")], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.endswith(" us")]
+    assert len(lines) == 6 and all(float(line.split()[-2]) > 0 for line in lines), out.stdout

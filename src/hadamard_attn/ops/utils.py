@@ -42,7 +42,7 @@ def khatri_rao_backward(factors: tuple[torch.Tensor, ...], grad: torch.Tensor) -
 
 def feature_size(factors: tuple[torch.Tensor, ...]) -> int:
     """``M = R_1 * ... * R_P``, the size of the implicit feature and of the state."""
-    return math.prod(x.shape[-1] for x in factors)
+    return math.prod([x.shape[-1] for x in factors])
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:

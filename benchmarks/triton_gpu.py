@@ -80,8 +80,8 @@ def make(B, T, H, widths, Dv, dtype, init=False, N=None, grad=True, pad=0):
 
 
 def triton_attn(q, k, v, causal, *args):
-    """The Triton kernels of the mode, called past ``unsupported_reason`` (whose causal GPU gate this script
-    checks); ``args``: ``normalize, eps, initial_state, output_final_state, cu_seqlens``."""
+    """The Triton kernels of the mode, called directly (past ``triton_hadamard_attn``'s input checks, which every
+    case here passes); ``args``: ``normalize, eps, initial_state, output_final_state, cu_seqlens``."""
     fn = tc.chunk_hadamard_attn_triton if causal else tp.parallel_hadamard_attn_triton
     return fn(tuple(q), tuple(k), v, *args)
 

@@ -191,3 +191,24 @@ def test_unsupported_reason_int32(monkeypatch):
     v = torch.zeros(1, 1, 1, 16).expand(1, 2**27, 1, 16)  # 2**31 elements, no memory
     q = (torch.zeros(1, 1, 1, 4).expand(1, 2**27, 1, 4),) * 2
     assert "int32" in hla_triton.unsupported_reason(q, q, v, False)
+
+
+def test_fake_tensor_tracing_sees_the_custom_ops():
+    """Under ``FakeTensorMode`` (as in ``make_fx`` and export) the Triton paths run their custom ops' fake
+    implementations, not the kernels: shapes and dtypes come out right, forward and backward, causal or not."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hadamard_attn import hadamard_attn, hadamard_attn_step
+
+    with FakeTensorMode():
+        q = [torch.rand(2, 9, 3, 4, requires_grad=True) for _ in range(2)]
+        k = [torch.rand(2, 9, 3, 4, requires_grad=True) for _ in range(2)]
+        v = torch.randn(2, 9, 3, 16, requires_grad=True)
+        for causal in (False, True):
+            o, (S, z) = hadamard_attn(q, k, v, causal=causal, output_final_state=True, backend="triton")
+            assert o.shape == v.shape and S.shape == (2, 3, 16, 16) and z.shape == (2, 3, 16)
+            grads = torch.autograd.grad(o.sum(), [*q, *k, v])
+            assert [g.shape for g in grads] == [x.shape for x in (*q, *k, v)]
+        with torch.no_grad():
+            o, (S, z) = hadamard_attn_step([x[:, 0] for x in q], [x[:, 0] for x in k], v[:, 0], backend="triton")
+        assert o.shape == (2, 3, 16) and S.dtype == torch.float32

@@ -65,13 +65,14 @@ def test_step_triton(widths, Dv, B, H, normalize, from_state):
     )
     state = init
     for t in range(T):
+        before = None if state is None else tuple(x.clone() for x in state)
         o, new = hadamard_attn_step(
             [x[:, t] for x in q], [x[:, t] for x in k], v[:, t], state, normalize=normalize, backend="triton"
         )
         assert o.dtype == v.dtype and new[0].dtype == new[1].dtype == torch.float32
         assert rel(o, ref[:, t]) < 1e-5, f"o[{t}]: {rel(o, ref[:, t]):.2e}"
-        if state is not None:
-            assert new[0] is not state[0] and torch.equal(state[0], init[0] if t == 0 else state[0])
+        if state is not None:  # a new state; the old one is left as it was
+            assert torch.equal(state[0], before[0]) and torch.equal(state[1], before[1])
         state = new
     assert rel(state[0], ref_state[0]) < 1e-5 and rel(state[1], ref_state[1]) < 1e-5
 
@@ -96,12 +97,12 @@ def test_step_triton_half(dtype):
 
 
 def test_step_backends():
-    """``auto`` takes the torch step for inputs that need gradients (the kernel has no backward); ``triton``
-    refuses them; unknown backends are refused by name."""
+    """``triton`` refuses inputs that need gradients (the kernel has no backward) and unknown backends are refused
+    by name; on CPU ``auto`` is the differentiable torch step."""
     g = torch.Generator().manual_seed(4)
     q, k, v = random_inputs(1, 1, 2, (4, 4), 16, dtype=torch.float32, generator=g)
     q, k, v = [x[:, 0] for x in q], [x[:, 0] for x in k], v[:, 0]
-    o, _ = hadamard_attn_step(q, k, v)  # auto on CPU: the torch step, differentiable
+    o, _ = hadamard_attn_step(q, k, v)
     (dv,) = torch.autograd.grad(o.sum(), v)
     assert torch.isfinite(dv).all()
     with pytest.raises(ValueError, match="backend='triton': the Triton step has no backward"):
@@ -111,6 +112,29 @@ def test_step_backends():
     with torch.no_grad():
         o2, _ = hadamard_attn_step(q, k, v, backend="triton")
     assert rel(o2, o.detach()) < 1e-5
+
+
+def test_step_path_choice():
+    """How ``auto`` and ``triton`` resolve, for every combination of device, gradients and kernel support."""
+    from hadamard_attn.ops.api import _step_path
+
+    def takes():
+        return None
+
+    def refuses():
+        return "widths"
+
+    for cuda in (False, True):
+        for needs_grad in (False, True):
+            for reason in (takes, refuses):
+                fast = cuda and not needs_grad and reason is takes
+                assert _step_path("auto", cuda, needs_grad, reason) == ("triton" if fast else "recurrent")
+                assert _step_path("recurrent", cuda, needs_grad, reason) == "recurrent"
+                if needs_grad or reason is refuses:
+                    with pytest.raises(ValueError, match="backend='triton': (the Triton step has no backward|widths)"):
+                        _step_path("triton", cuda, needs_grad, reason)
+                else:
+                    assert _step_path("triton", cuda, needs_grad, reason) == "triton"
 
 
 def test_step_custom_op_and_compile():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -249,6 +249,19 @@ def hadamard_attn(
     return _run(backend, q, k, v, causal, normalize, eps, initial_state, output_final_state, cu_seqlens)
 
 
+def _step_path(backend: str, cuda: bool, needs_grad: bool, triton_reason: Callable[[], str | None]) -> str:
+    """The path of a decode step: ``"auto"`` takes ``"triton"`` on CUDA where the kernel takes the inputs
+    (``triton_reason()`` is None) and no gradient is needed, else ``"recurrent"``; ``"triton"`` refuses inputs
+    that need gradients or that the kernel does not take."""
+    if backend == "auto":
+        return "triton" if cuda and not needs_grad and triton_reason() is None else "recurrent"
+    if backend == "triton":
+        reason = "the Triton step has no backward" if needs_grad else triton_reason()
+        if reason is not None:
+            raise ValueError(f"backend='triton': {reason}")
+    return backend
+
+
 def hadamard_attn_step(
     q: Factors,
     k: Factors,
@@ -285,14 +298,8 @@ def hadamard_attn_step(
     B, H, Dv = v.shape
     if state is not None:
         _check_state(state, B, H, feature_size(q), Dv, v, "state")
-    tensors = (*q, *k, v, *(state or ()))
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if backend == "auto":
-        backend = "triton" if v.is_cuda and not needs_grad and _triton_reason(q, k, v, True) is None else "recurrent"
-    elif backend == "triton":
-        reason = "the Triton step has no backward" if needs_grad else _triton_reason(q, k, v, True)
-        if reason is not None:
-            raise ValueError(f"backend='triton': {reason}")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*q, *k, v, *(state or ())))
+    backend = _step_path(backend, v.is_cuda, needs_grad, lambda: _triton_reason(q, k, v, True))
     if backend == "triton":
         from .triton import step_hadamard_attn_triton
 

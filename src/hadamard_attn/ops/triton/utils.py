@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 def interpreting() -> bool:
@@ -29,7 +30,10 @@ REGISTER_WGMMA_PTXAS = (13, 3)
 
 def register_wgmma_hazard(device: torch.device) -> bool:
     """True on a Hopper GPU (sm_90) when Triton compiles with a ptxas older than 13.3 (``TRITON_PTXAS_PATH`` picks
-    another one): kernels that feed ``tl.dot`` from registers must then avoid wgmma (see ``safe_configs``)."""
+    another one). The causal kernels then avoid wgmma (``safe_configs``). The non-causal kernels also feed
+    ``tl.dot`` from registers but keep wgmma: whether ptxas mis-schedules is a property of each compiled kernel,
+    and theirs passed every H100 check with ptxas 12.8 (benchmarks/RESULTS.md), where the causal backward failed
+    every time; a kernel change there needs the GPU check again."""
     if device.type != "cuda" or interpreting() or torch.cuda.get_device_capability(device)[0] != 9:
         return False
     return ptxas_version() < REGISTER_WGMMA_PTXAS
@@ -53,9 +57,11 @@ def safe_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> li
 
 
 def traced(op, fn):
-    """The custom op ``op`` while ``torch.compile`` traces (no graph break around the kernels), else its Python
-    function ``fn``: in eager mode the dispatcher round trip costs about 0.1 ms a call on an H100 host."""
-    return op if torch.compiler.is_compiling() else fn
+    """The custom op ``op`` under any tracing (``torch.compile``, ``torch.jit.trace``, a dispatch mode such as
+    ``FakeTensorMode`` or ``make_fx``: its fake implementation and schema are what they see), else its Python
+    function ``fn``: in plain eager mode the dispatcher round trip costs about 0.1 ms a call on an H100 host."""
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    return op if tracing or _get_current_dispatch_mode() is not None else fn
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

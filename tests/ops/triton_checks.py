@@ -60,3 +60,28 @@ def check(hla, widths, Dv, B, T, H, normalize, init, cu_seqlens=None, tol=1e-5, 
     for name, a, b in zip(names, grads, grads_ref):
         assert a.shape == b.shape and a.dtype == torch.float32, name
         assert rel(a, b) < tol, f"d{name}: {rel(a, b):.2e}"
+
+
+def check_half(hla, xs, st, causal, scale, grad_tol):
+    """16-bit inputs ``xs`` (P query factors, P key factors, v) with an fp32 initial state ``st`` of magnitude
+    ``scale``, far beyond fp16's range: Triton vs naive in float64. The output comes back in the input dtype
+    (within 1e-2), the state in fp32 (within 1e-5), and every gradient within ``grad_tol``."""
+    P = (len(xs) - 1) // 2
+    dtype = xs[0].dtype
+    leaves = [x.detach().requires_grad_(True) for x in [*xs, *st]]
+    ref = [x.detach().double().requires_grad_(True) for x in leaves]
+
+    def run(fn, t):
+        return fn(tuple(t[:P]), tuple(t[P : 2 * P]), t[2 * P], causal, True, 1e-6, (t[-2], t[-1]), True, None)
+
+    o, (S, z) = run(hla.triton_hadamard_attn, leaves)
+    o_ref, (S_ref, z_ref) = run(naive_hadamard_attn, ref)
+    assert o.dtype == dtype and S.dtype == torch.float32 and z.dtype == torch.float32
+    assert rel(o, o_ref) < 1e-2
+    assert rel(S, S_ref) < 1e-5 and rel(z, z_ref) < 1e-5
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    dS = torch.randn(S.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE) / scale
+    grads = torch.autograd.grad((o.float() * do).sum() + (S * dS).sum(), leaves)
+    grads_ref = torch.autograd.grad((o_ref * do.double()).sum() + (S_ref * dS.double()).sum(), ref)
+    for a, b in zip(grads, grads_ref):
+        assert a.isfinite().all() and rel(a, b) < grad_tol

@@ -61,6 +61,7 @@ from .utils import (
     dot_dtype,
     empty,
     factor_block,
+    factors3,
     fake_forward_outputs,
     interpreting,
     kr_block,
@@ -583,11 +584,6 @@ def _states_dtype(dtype: torch.dtype) -> torch.dtype:
     return dot_dtype(dtype) if dtype == torch.bfloat16 else torch.float32
 
 
-def _factors3(x: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """P <= 3 tensors padded to three with the first (never read)."""
-    return (tuple(x) + (x[0],) * (3 - len(x)))[:3]
-
-
 def _chunk_states(x, v, w, S0, z0, seqs, index, C: int, reverse: bool, dtype: torch.dtype):
     """``(hs, hz, S, z)``: the state at every chunk and the last one, for inputs of ``dtype``; see
     ``chunk_state_kernel``."""
@@ -595,7 +591,7 @@ def _chunk_states(x, v, w, S0, z0, seqs, index, C: int, reverse: bool, dtype: to
     NT, chunk_offsets, _, _ = index
     M = math.prod(t.shape[-1] for t in x)
     R1, R2, R3 = widths3(tuple(t.shape[-1] for t in x))
-    x1, x2, x3 = _factors3(x)
+    x1, x2, x3 = factors3(x)
     DOT, PREC = dot_config(dtype)
     hs = empty((NT, H, M, Dv), _states_dtype(dtype), v.device)
     hz = empty((NT, H, M), torch.float32, v.device)
@@ -644,7 +640,7 @@ def _chunk_fwd(
     DOT, PREC = dot_config(v.dtype)
     NT, _, chunk_seq, chunk_tok = index
     chunk_output_kernel[lambda meta: (NT, triton.cdiv(Dv, min(meta["BV"], Dv)), H)](
-        *_factors3(q), *_factors3(k), v, hs, hz, o, den, seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps,
+        *factors3(q), *factors3(k), v, hs, hz, o, den, seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps,
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
         DOT=DOT, PREC=PREC,
     )  # fmt: skip
@@ -708,7 +704,7 @@ def _chunk_bwd(
     def side(x, y, states, keys):
         dx = [torch.zeros(t.shape, dtype=torch.float32, device=v.device) for t in x]
         chunk_bwd_kernel[(NT, H)](
-            *_factors3(x), *_factors3(y), v, g, w, *states, *_factors3(dx), dv,
+            *factors3(x), *factors3(y), v, g, w, *states, *factors3(dx), dv,
             seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ,
             H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, KEYS=keys, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
         )  # fmt: skip

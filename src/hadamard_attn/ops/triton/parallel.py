@@ -31,6 +31,7 @@ from .utils import (
     dot_config,
     dot_dtype,
     empty,
+    factors3,
     fake_forward_outputs,
     interpreting,
     kr_block,
@@ -433,7 +434,7 @@ def _build_state(x, v, S, z, seqs, w_mode, den=None, w=None, eps=0.0):
     """``S += phi(x)^T v``, ``z += phi(x)^T w`` in place (see ``state_kernel``)."""
     B, T, H, Dv = v.shape
     R1, R2, R3 = widths3(tuple(t.shape[-1] for t in x))
-    x1, x2, x3 = (tuple(x) + (x[0],) * (3 - len(x)))[:3]
+    x1, x2, x3 = factors3(x)
     DOT, PREC = dot_config(v.dtype)
     TT = B * T
 
@@ -457,8 +458,8 @@ def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, den=None,
     B, T, H, Dv = g.shape
     R1, R2, R3 = widths3(tuple(t.shape[-1] for t in x))
     dx = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in x]
-    x1, x2, x3 = (tuple(x) + (x[0],) * (3 - len(x)))[:3]
-    d1, d2, d3 = (dx + [dx[0]] * (3 - len(dx)))[:3]
+    x1, x2, x3 = factors3(x)
+    d1, d2, d3 = factors3(dx)
     DOT, PREC = dot_config(g.dtype)
     TT = B * T
     token_bwd_kernel[lambda meta: (triton.cdiv(TT, meta["BT"]), H)](
@@ -497,7 +498,7 @@ def _parallel_fwd(
     o = empty(v.shape, v.dtype, v.device)
     den = empty((B * T, H), torch.float32, v.device)
     R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
-    x1, x2, x3 = (q + (q[0],) * (3 - len(q)))[:3]
+    x1, x2, x3 = factors3(q)
     DOT, PREC = dot_config(v.dtype)
     TT = B * T
     scale = _range_scale(S, z, v.dtype)

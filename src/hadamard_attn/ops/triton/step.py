@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .parallel import _configs
-from .utils import at_most, empty, kr_block, kr_tile, kr_tile_count, traced, widths3
+from .utils import at_most, empty, factors3, kr_block, kr_tile, kr_tile_count, traced, widths3
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -114,7 +114,7 @@ def _step(
     o = empty(v.shape, v.dtype, v.device)
     R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
     step_kernel[lambda meta: (triton.cdiv(Dv, min(meta["BV"], Dv)), B * H)](
-        *(q + q[:1] * (3 - len(q))), *(k + k[:1] * (3 - len(k))), v,
+        *factors3(q), *factors3(k), v,
         S.contiguous() if has_state else S_new, z.contiguous() if has_state else z_new, S_new, z_new, o, eps,
         DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), HAS_STATE=has_state, NORMALIZE=normalize,
     )  # fmt: skip

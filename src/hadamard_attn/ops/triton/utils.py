@@ -83,6 +83,11 @@ def dot_config(dtype: torch.dtype) -> tuple[tl.dtype, str]:
     return _TL[dot_dtype(dtype)], "ieee" if interpreting() else "tf32x3"
 
 
+def factors3(x) -> tuple:
+    """P <= 3 factor tensors padded to three with the first (the kernels never read the padding)."""
+    return (tuple(x) + (x[0],) * (3 - len(x)))[:3]
+
+
 def widths3(widths: tuple[int, ...]) -> tuple[int, int, int]:
     """P <= 3 factor widths padded with 1 to three: ``(R_1, R_2, R_3)``."""
     return tuple(widths) + (1,) * (3 - len(widths))

@@ -52,11 +52,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .parallel import _configs
 from .utils import (
     add_factor_grad,
     at_least,
     at_most,
+    autotune_configs,
     dot_config,
     dot_dtype,
     empty,
@@ -113,7 +113,7 @@ def default_chunk_size() -> int:
 
 
 @triton.autotune(
-    configs=_configs(*_with_two_warps(STATE_CONFIGS), keys="BM BV"),
+    configs=autotune_configs(*_with_two_warps(STATE_CONFIGS), keys="BM BV"),
     prune_configs_by={"early_config_prune": safe_configs},
     key=["R1", "R2", "R3", "DV", "P", "C", "HAS_INIT", "REVERSE", "DOT"],
 )
@@ -272,7 +272,7 @@ def hadamard_block(
 
 
 @triton.autotune(
-    configs=_configs(*_with_two_warps(OUTPUT_CONFIGS), keys="BM BV"),
+    configs=autotune_configs(*_with_two_warps(OUTPUT_CONFIGS), keys="BM BV"),
     prune_configs_by={"early_config_prune": safe_configs},
     key=["R1", "R2", "R3", "DV", "P", "C", "NORMALIZE", "DOT"],
 )
@@ -428,7 +428,7 @@ def add_state_grads(
 
 
 @triton.autotune(
-    configs=_configs(*_with_two_warps(BWD_CONFIGS), keys="BM"),
+    configs=autotune_configs(*_with_two_warps(BWD_CONFIGS), keys="BM"),
     prune_configs_by={"early_config_prune": safe_configs},
     key=["R1", "R2", "R3", "DV", "P", "C", "KEYS", "DOT"],
     reset_to_zero=["dx1", "dx2", "dx3"],

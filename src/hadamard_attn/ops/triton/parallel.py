@@ -28,6 +28,7 @@ import triton.language as tl
 from .utils import (
     add_factor_grad,
     at_most,
+    autotune_configs,
     dot_config,
     dot_dtype,
     empty,
@@ -49,15 +50,6 @@ from .utils import (
 State = tuple[torch.Tensor, torch.Tensor]
 
 
-def _configs(*candidates: tuple[int, ...], keys: str) -> list[triton.Config]:
-    """Autotuning candidates ``(*block sizes named by keys, num_warps, num_stages)``; the interpreter gets one
-    config of 16s (``BV = 32``, so that tests see it capped at ``Dv = 16``)."""
-    names = keys.split()
-    if interpreting():
-        return [triton.Config({k: 32 if k == "BV" else 16 for k in names}, num_warps=1, num_stages=1)]
-    return [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1]) for c in candidates]
-
-
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -66,7 +58,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 @triton.autotune(
-    configs=_configs(
+    configs=autotune_configs(
         (64, 128, 128, 4, 2),
         (64, 64, 128, 4, 3),
         (64, 128, 64, 4, 3),
@@ -161,7 +153,7 @@ def state_kernel(
 
 
 @triton.autotune(
-    configs=_configs(
+    configs=autotune_configs(
         (128, 64, 128, 4, 3),
         (64, 64, 128, 4, 4),
         (128, 128, 128, 8, 2),
@@ -245,7 +237,7 @@ def readout_kernel(
 
 
 @triton.autotune(
-    configs=_configs((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), keys="BT BM"),
+    configs=autotune_configs((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), keys="BT BM"),
     key=["R1", "R2", "R3", "DV", "P", "QUERY", "NORMALIZE", "DOT"],
     reset_to_zero=["dx1", "dx2", "dx3"],
 )

@@ -19,14 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .parallel import _configs
-from .utils import at_most, empty, factors3, kr_block, kr_tile, kr_tile_count, traced, widths3
+from .utils import at_most, autotune_configs, empty, factors3, kr_block, kr_tile, kr_tile_count, traced, widths3
 
 State = tuple[torch.Tensor, torch.Tensor]
 
 
 @triton.autotune(
-    configs=_configs((64, 64, 4, 1), (128, 32, 4, 1), (256, 64, 8, 1), keys="BM BV"),
+    configs=autotune_configs((64, 64, 4, 1), (128, 32, 4, 1), (256, 64, 8, 1), keys="BM BV"),
     key=["R1", "R2", "R3", "DV", "P", "HAS_STATE", "NORMALIZE"],
 )
 @triton.jit

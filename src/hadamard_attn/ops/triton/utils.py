@@ -64,6 +64,15 @@ def traced(op, fn):
     return op if tracing or _get_current_dispatch_mode() is not None else fn
 
 
+def autotune_configs(*candidates: tuple[int, ...], keys: str) -> list[triton.Config]:
+    """Autotuning candidates ``(*block sizes named by keys, num_warps, num_stages)``; the interpreter gets one
+    config of 16s (``BV = 32``, so that tests see it capped at ``Dv = 16``)."""
+    names = keys.split()
+    if interpreting():
+        return [triton.Config({k: 32 if k == "BV" else 16 for k in names}, num_warps=1, num_stages=1)]
+    return [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1]) for c in candidates]
+
+
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every output the kernels write in full is allocated here (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)

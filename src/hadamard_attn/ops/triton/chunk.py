@@ -34,7 +34,8 @@ the queries and once for the keys:
     dA_c = tril(g_c V_c^T + w_c 1^T)  -> dq_f through the P similarities,  dphi(Q_c) = g_c S_c^T + w_c z_c^T
     dA_c^T (formed as such)  -> dk_f,  dv_c = A_c^T g_c,  dphi(K_c) = V_c dS_c^T + 1 dz_c^T,  dv_c += phi(K_c) dS_c
 
-(``dS_c, dz_c``: the gradient of the state leaving chunk ``c``); factor gradients are fp32 atomics.
+(``dS_c, dz_c``: the gradient of the state leaving chunk ``c``); a program owns its chunk's rows and stores
+their gradients once.
 
 Hopper: these kernels feed ``tl.dot`` from registers (the Khatri-Rao tiles, the masked blocks), which Triton
 compiles to wgmma with a register operand; ptxas before 13.3 can read those registers before they are written
@@ -53,7 +54,6 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    add_factor_grad,
     at_least,
     at_most,
     autotune_configs,
@@ -65,14 +65,15 @@ from .utils import (
     fake_forward_outputs,
     interpreting,
     kr_block,
+    kr_state_grads,
     kr_tile,
     kr_tile_count,
-    kr_tile_grads,
     kr_tile_t,
     register_wgmma_hazard,
     safe_configs,
     seq_bounds,
     sequences,
+    store_factor_grad,
     traced,
     widths3,
 )
@@ -218,8 +219,8 @@ def chunk_state_kernel(
 @triton.jit
 def factor_similarity(x, y, rows, mask_t, R: tl.constexpr, RP: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """``x_f y_f^T`` over the rows of a chunk, ``[C, C]`` fp32 (the width zero-padded to ``RP >= 16``)."""
-    a, _ = factor_block(x, rows, mask_t, 0, R, RP, RP > R)  # [C, RP]
-    b, _ = factor_block(y, rows, mask_t, 0, R, RP, RP > R)  # [C, RP]
+    a = factor_block(x, rows, mask_t, 0, R, RP, RP > R)  # [C, RP]
+    b = factor_block(y, rows, mask_t, 0, R, RP, RP > R)  # [C, RP]
     return tl.dot(a.to(DOT), tl.trans(b.to(DOT)), input_precision=PREC)
 
 
@@ -367,71 +368,42 @@ def chunk_output_kernel(
 
 
 @triton.jit
-def add_factor_similarity_grad(
-    dx, y, ds, rows, mask_t, R: tl.constexpr, RP: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
-):
-    """``dx += ds y`` for one factor of a chunk (``ds [C, C]`` fp32: the gradient of ``x y^T``; atomics)."""
-    b, o = factor_block(y, rows, mask_t, 0, R, RP, RP > R)  # [C, RP]
-    add_factor_grad(dx, rows, mask_t, o, row_scaled_dot(ds, b, DOT, PREC), R)
+def similarity_grad(y, ds, rows, mask_t, R: tl.constexpr, RP: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """``ds y [C, RP]`` fp32 for one factor of a chunk (``ds [C, C]`` fp32: the gradient of ``x y^T``)."""
+    b = factor_block(y, rows, mask_t, 0, R, RP, RP > R)  # [C, RP]
+    return row_scaled_dot(ds, b, DOT, PREC)
 
 
 @triton.jit
-def add_intra_grads(
-    dx1, dx2, dx3, y1, y2, y3, dA, s1, s2, s3, rows, mask_t,
+def intra_grads(
+    y1, y2, y3, dA, s1, s2, s3, rows, mask_t,
     R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, RP1: tl.constexpr, RP2: tl.constexpr, RP3: tl.constexpr,
     P: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """``dx_f += (dA prod_{f' != f} s_f') y_f``: the gradient of ``A = prod_f x_f y_f^T`` w.r.t. the ``x`` side,
-    given ``dA [C, C]`` (masked) and the similarities ``s_f`` (fp32)."""
-    if P == 1:
-        add_factor_similarity_grad(dx1, y1, dA, rows, mask_t, R1, RP1, DOT, PREC)
-    if P == 2:
-        add_factor_similarity_grad(dx1, y1, dA * s2, rows, mask_t, R1, RP1, DOT, PREC)
-        add_factor_similarity_grad(dx2, y2, dA * s1, rows, mask_t, R2, RP2, DOT, PREC)
+    """``(dA prod_{f' != f} s_f') y_f [C, RP_f]`` fp32: the gradient of ``A = prod_f x_f y_f^T`` w.r.t. the ``x``
+    side, given ``dA [C, C]`` (masked) and the similarities ``s_f`` (fp32); the first stands in for missing
+    factors."""
+    d1 = dA
+    if P >= 2:
+        d1 = d1 * s2
     if P == 3:
-        add_factor_similarity_grad(dx1, y1, dA * s2 * s3, rows, mask_t, R1, RP1, DOT, PREC)
-        add_factor_similarity_grad(dx2, y2, dA * s1 * s3, rows, mask_t, R2, RP2, DOT, PREC)
-        add_factor_similarity_grad(dx3, y3, dA * s1 * s2, rows, mask_t, R3, RP3, DOT, PREC)
-
-
-@triton.jit
-def add_state_grads(
-    x1, x2, x3, dx1, dx2, dx3, rows, mask_t, G, w, hs, hz, base,
-    DV: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, P: tl.constexpr, C: tl.constexpr,
-    B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, NM: tl.constexpr, PREC: tl.constexpr, WANT_DV: tl.constexpr,
-):  # fmt: skip
-    """``dphi(x) = G hs^T + w hz^T`` over the M tiles -> ``dx_f`` (atomics); returns ``phi(x) hs`` ``[C, DV]`` fp32
-    if ``WANT_DV`` (else zeros). ``G [C, DV]`` fp32, ``w [C]``; ``hs, hz`` at offset ``base`` (``[M, DV]``, ``[M]``).
-    """
-    M: tl.constexpr = R1 * R2 * R3
-    BMA: tl.constexpr = B1 * B2 * B3
-    o_v = tl.arange(0, DV)
-    dv_acc = tl.zeros([C, DV], dtype=tl.float32)
-    for i_m in range(NM):
-        phi, a1, a2, a3, o1, o2, o3 = kr_tile(x1, x2, x3, rows, mask_t, i_m, C, R1, R2, R3, B1, B2, B3, P)
-        o_m = i_m * BMA + tl.arange(0, BMA)
-        mask_m = o_m < M
-        # [BMA, DV]
-        b_s = tl.load(hs + (base + o_m[:, None]) * DV + o_v[None, :], mask=mask_m[:, None], other=0)
-        b_z = tl.load(hz + base + o_m, mask=mask_m, other=0)
-        # [C, BMA]
-        dphi = tl.dot(G.to(b_s.dtype), tl.trans(b_s), input_precision=PREC) + w[:, None] * b_z[None, :]
-        g1, g2, g3 = kr_tile_grads(dphi, a1, a2, a3, C, B1, B2, B3, P)
-        add_factor_grad(dx1, rows, mask_t, o1, g1, R1)
-        if P >= 2:
-            add_factor_grad(dx2, rows, mask_t, o2, g2, R2)
+        d1 = d1 * s3
+    g1 = similarity_grad(y1, d1, rows, mask_t, R1, RP1, DOT, PREC)
+    g2, g3 = g1, g1
+    if P >= 2:
+        d2 = dA * s1
         if P == 3:
-            add_factor_grad(dx3, rows, mask_t, o3, g3, R3)
-        if WANT_DV:
-            dv_acc += tl.dot(phi.to(b_s.dtype), b_s, input_precision=PREC)
-    return dv_acc
+            d2 = d2 * s3
+        g2 = similarity_grad(y2, d2, rows, mask_t, R2, RP2, DOT, PREC)
+    if P == 3:
+        g3 = similarity_grad(y3, dA * s1 * s2, rows, mask_t, R3, RP3, DOT, PREC)
+    return g1, g2, g3
 
 
 @triton.autotune(
     configs=autotune_configs(*_with_two_warps(BWD_CONFIGS), keys="BM"),
     prune_configs_by={"early_config_prune": safe_configs},
     key=["R1", "R2", "R3", "DV", "P", "C", "KEYS", "DOT"],
-    reset_to_zero=["dx1", "dx2", "dx3"],
 )
 @triton.jit(do_not_specialize=["T_SEQ"])
 def chunk_bwd_kernel(
@@ -477,12 +449,9 @@ def chunk_bwd_kernel(
     ``dv = A^T g``; then ``dphi(K) = V dhs_c^T + 1 dhz_c^T``, ``dv += phi(K) dhs_c`` (``hs, hz``: the gradients
     of the states leaving the chunks).
 
-    ``dx*`` fp32 (atomics), ``dv`` in the input dtype. Grid: (NT, H).
+    A program owns the rows of its chunk: ``dx*`` and ``dv`` are summed in registers and stored once, in the
+    inputs' dtype. Grid: (NT, H).
     """
-    B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
-    B2: tl.constexpr = kr_block(2, R1, R2, R3, BM)
-    B3: tl.constexpr = kr_block(3, R1, R2, R3, BM)
-    NM: tl.constexpr = kr_tile_count(R1, R2, R3, BM)
     RP1: tl.constexpr = at_least(R1, 16)  # widths padded for tl.dot
     RP2: tl.constexpr = at_least(R2, 16)  # widths padded for tl.dot
     RP3: tl.constexpr = at_least(R3, 16)  # widths padded for tl.dot
@@ -524,24 +493,28 @@ def chunk_bwd_kernel(
         )  # fmt: skip
         dA = tl.dot(gs, tl.trans(b_v.to(DOT)), input_precision=PREC) * big_g[:, None] + b_w[:, None]
     dA = tl.where(keep, dA, 0)  # [C, C]
-    add_intra_grads(dx1, dx2, dx3, y1, y2, y3, dA, s1, s2, s3, rows, mask_t, R1, R2, R3, RP1, RP2, RP3, P, DOT, PREC)
+    g1, g2, g3 = intra_grads(y1, y2, y3, dA, s1, s2, s3, rows, mask_t, R1, R2, R3, RP1, RP2, RP3, P, DOT, PREC)
+    # through the state: queries G = g, w; keys G = V, w = 1 (and dv)
+    if KEYS:
+        G, b_w = b_v, tl.full([C], 1.0, tl.float32)
+    else:
+        G = b_g
+    h1, h2, h3, b_dv = kr_state_grads(
+        x1, x2, x3, rows, mask_t, G, b_w, hs + base * DV, hz + base, DV, R1, R2, R3, RP1, RP2, RP3, P, C, BM, PREC, KEYS
+    )  # fmt: skip
+    store_factor_grad(dx1, rows, mask_t, g1 + h1, R1, RP1)
+    if P >= 2:
+        store_factor_grad(dx2, rows, mask_t, g2 + h2, R2, RP2)
+    if P == 3:
+        store_factor_grad(dx3, rows, mask_t, g3 + h3, R3, RP3)
     if KEYS:
         A = s1  # A^T [key, query]
         if P >= 2:
             A *= s2
         if P == 3:
             A *= s3
-        b_dv = row_scaled_dot(A * big_g[None, :], gs, DOT, PREC)  # A^T g, [C, DV]
-        b_dv += add_state_grads(
-            x1, x2, x3, dx1, dx2, dx3, rows, mask_t, b_v, tl.full([C], 1.0, tl.float32), hs, hz, base,
-            DV, R1, R2, R3, P, C, B1, B2, B3, NM, PREC, True,
-        )  # fmt: skip
+        b_dv += row_scaled_dot(A * big_g[None, :], gs, DOT, PREC)  # A^T g, [C, DV]
         tl.store(dv + rows[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=mask_t[:, None])
-    else:
-        add_state_grads(
-            x1, x2, x3, dx1, dx2, dx3, rows, mask_t, b_g, b_w, hs, hz, base,
-            DV, R1, R2, R3, P, C, B1, B2, B3, NM, PREC, False,
-        )  # fmt: skip
 
 
 @triton.jit
@@ -702,13 +675,13 @@ def _chunk_bwd(
     NT, _, chunk_seq, chunk_tok = index
 
     def side(x, y, states, keys):
-        dx = [torch.zeros(t.shape, dtype=torch.float32, device=v.device) for t in x]
+        dx = [empty(t.shape, t.dtype, v.device) for t in x]
         chunk_bwd_kernel[(NT, H)](
             *factors3(x), *factors3(y), v, g, w, *states, *factors3(dx), dv,
             seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ,
             H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, KEYS=keys, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
         )  # fmt: skip
-        return [d.to(t.dtype) for d, t in zip(dx, x)]
+        return dx
 
     dq = side(q, k, (hs, hz), False)
     dk = side(k, q, (dhs, dhz), True)

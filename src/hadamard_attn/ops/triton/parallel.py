@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    add_factor_grad,
+    at_least,
     at_most,
     autotune_configs,
     dot_config,
@@ -36,13 +36,14 @@ from .utils import (
     fake_forward_outputs,
     interpreting,
     kr_block,
+    kr_state_grads,
     kr_tile,
     kr_tile_count,
-    kr_tile_grads,
     kr_tile_t,
     seq_bounds,
     seq_of,
     sequences,
+    store_factor_grad,
     traced,
     widths3,
 )
@@ -237,9 +238,8 @@ def readout_kernel(
 
 
 @triton.autotune(
-    configs=autotune_configs((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), keys="BT BM"),
+    configs=autotune_configs((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), keys="BT BM"),
     key=["R1", "R2", "R3", "DV", "P", "QUERY", "NORMALIZE", "DOT"],
-    reset_to_zero=["dx1", "dx2", "dx3"],
 )
 @triton.jit(do_not_specialize=["TT", "T_SEQ"])
 def token_bwd_kernel(
@@ -281,16 +281,15 @@ def token_bwd_kernel(
 
     Queries (``QUERY``): ``G = do / (den + eps)``, ``w = -sum(do * o) / (den + eps)`` (``do``, 0 without
     ``NORMALIZE``); ``-sum(do * o)`` stored as ``[TT, H, 16]`` columns for the state gradient. Keys: ``G = v``,
-    ``w = 1``, and ``dv = phi(x) S`` is stored too. ``S`` (in ``DOT``), ``z`` are the final state (queries) or
-    its gradient (keys). Grid: (token blocks, H).
+    ``w = 1``, and ``dv = phi(x) S`` is stored too. ``S`` (in ``DOT``, divided by ``scale``), ``z`` are the final
+    state (queries) or its gradient (keys). A program owns its rows: ``dx_f`` (and ``dv``) are summed in registers
+    and stored once, in the inputs' dtype. Grid: (token blocks, H).
     """
-    B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
-    B2: tl.constexpr = kr_block(2, R1, R2, R3, BM)
-    B3: tl.constexpr = kr_block(3, R1, R2, R3, BM)
-    NM: tl.constexpr = kr_tile_count(R1, R2, R3, BM)
+    W1: tl.constexpr = at_least(R1, 16)  # register widths of the factor gradients
+    W2: tl.constexpr = at_least(R2, 16)
+    W3: tl.constexpr = at_least(R3, 16)
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     M: tl.constexpr = R1 * R2 * R3
-    BMA: tl.constexpr = B1 * B2 * B3
     o_t = i_t * BT + tl.arange(0, BT)
     o_v = tl.arange(0, DV)
     rows = o_t * H + i_h
@@ -317,53 +316,22 @@ def token_bwd_kernel(
                 b_w = tl.zeros([BT], dtype=tl.float32)
         else:
             b_w = tl.full([BT], 1.0, dtype=tl.float32)
-            dv_acc = tl.zeros([BT, DV], dtype=tl.float32)
-        b_g = b_g.to(DOT)
+        # dphi = sc (G S^T + (w / sc) z^T): the gradients are summed unscaled, then multiplied by sc
+        sc = 1.0
         if HAS_SCALE:
             sc = tl.load(scale + n * H + i_h)
-        # gradients of the factors taken whole by every tile are summed over the tiles in registers
-        g1_acc = tl.zeros([BT, B1], dtype=tl.float32)
-        g2_acc = tl.zeros([BT, B2], dtype=tl.float32)
-        g3_acc = tl.zeros([BT, B3], dtype=tl.float32)
-        for i_m in range(NM):
-            phi, a1, a2, a3, o1, o2, o3 = kr_tile(x1, x2, x3, rows, mask_t, i_m, BT, R1, R2, R3, B1, B2, B3, P)
-            o_m = i_m * BMA + tl.arange(0, BMA)
-            mask_m = o_m < M
-            # [BMA, DV]
-            b_s = tl.load(S + base * (M * DV) + o_m[:, None] * DV + o_v[None, :], mask=mask_m[:, None], other=0)
-            b_z = tl.load(z + base * M + o_m, mask=mask_m, other=0)
-            # [BT, DV] @ [DV, BMA]
-            dphi = tl.dot(b_g, tl.trans(b_s), input_precision=PREC)
-            if HAS_SCALE:
-                dphi = dphi * sc
-            dphi += b_w[:, None] * b_z[None, :]
-            g1, g2, g3 = kr_tile_grads(dphi, a1, a2, a3, BT, B1, B2, B3, P)
-            if B1 >= R1:
-                g1_acc += g1
-            else:
-                add_factor_grad(dx1, rows, mask_t, o1, g1, R1)
-            if P >= 2:
-                if B2 == R2:
-                    g2_acc += g2
-                else:
-                    add_factor_grad(dx2, rows, mask_t, o2, g2, R2)
-            if P == 3:
-                if B3 == R3:
-                    g3_acc += g3
-                else:
-                    add_factor_grad(dx3, rows, mask_t, o3, g3, R3)
-            if not QUERY:
-                dv_acc += tl.dot(phi.to(DOT), b_s, input_precision=PREC)
-        if B1 >= R1:
-            add_factor_grad(dx1, rows, mask_t, tl.arange(0, B1), g1_acc, R1)
-        if P >= 2 and B2 == R2:
-            add_factor_grad(dx2, rows, mask_t, tl.arange(0, B2), g2_acc, R2)
-        if P == 3 and B3 == R3:
-            add_factor_grad(dx3, rows, mask_t, tl.arange(0, B3), g3_acc, R3)
+            b_w = b_w / sc
+        g1, g2, g3, b_dv = kr_state_grads(
+            x1, x2, x3, rows, mask_t, b_g, b_w, S + base * (M * DV), z + base * M,
+            DV, R1, R2, R3, W1, W2, W3, P, BT, BM, PREC, not QUERY,
+        )  # fmt: skip
+        store_factor_grad(dx1, rows, mask_t, g1 * sc, R1, W1)
+        if P >= 2:
+            store_factor_grad(dx2, rows, mask_t, g2 * sc, R2, W2)
+        if P == 3:
+            store_factor_grad(dx3, rows, mask_t, g3 * sc, R3, W3)
         if not QUERY:
-            if HAS_SCALE:
-                dv_acc = dv_acc * sc
-            tl.store(dv + rows[:, None] * DV + o_v[None, :], dv_acc.to(dv.dtype.element_ty), mask=mask_t[:, None])
+            tl.store(dv + rows[:, None] * DV + o_v[None, :], (b_dv * sc).to(dv.dtype.element_ty), mask=mask_t[:, None])
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -446,10 +414,10 @@ def _build_state(x, v, S, z, seqs, w_mode, den=None, w=None, eps=0.0):
 
 
 def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, den=None, w=None, dv=None):
-    """Factor gradients ``dx_f`` (fp32) of one side; see ``token_bwd_kernel``."""
+    """Factor gradients ``dx_f`` of one side, in the factors' dtype; see ``token_bwd_kernel``."""
     B, T, H, Dv = g.shape
     R1, R2, R3 = widths3(tuple(t.shape[-1] for t in x))
-    dx = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in x]
+    dx = [empty(t.shape, t.dtype, t.device) for t in x]
     x1, x2, x3 = factors3(x)
     d1, d2, d3 = factors3(dx)
     DOT, PREC = dot_config(g.dtype)
@@ -543,7 +511,7 @@ def _parallel_bwd(
     scale = _range_scale(dS_tot, dz_tot, v.dtype)
     dS_dot = _dot_state(dS_tot, scale, v.dtype)
     dk = _token_bwd(k, v, dS_dot, scale, dz_tot, seqs, False, normalize, eps, dv=dv)
-    return [d.to(x.dtype) for d, x in zip(dq, q)], [d.to(x.dtype) for d, x in zip(dk, k)], dv, dS_tot, dz_tot
+    return list(dq), list(dk), dv, dS_tot, dz_tot
 
 
 parallel_bwd = torch.library.custom_op("hadamard_attn::parallel_bwd", _parallel_bwd, mutates_args=())

@@ -183,13 +183,13 @@ def seq_bounds(cu_seqlens, n, T_SEQ, IS_VARLEN: tl.constexpr):
 
 @triton.jit
 def factor_block(x, rows, mask_t, i_f, R: tl.constexpr, B: tl.constexpr, PAD: tl.constexpr):
-    """Block ``i_f`` of one factor ``[TT, H, R]`` (``rows = t * H + h``): ``[BT, B]`` fp32 and its offsets."""
+    """Block ``i_f`` of one factor ``[TT, H, R]`` (``rows = t * H + h``): ``[BT, B]`` fp32."""
     o = i_f * B + tl.arange(0, B)
     mask = mask_t[:, None]
     if PAD:
         mask = mask & (o < R)[None, :]
     a = tl.load(x + rows[:, None] * R + o[None, :], mask=mask, other=0)
-    return a.to(tl.float32), o
+    return a.to(tl.float32)
 
 
 @triton.jit
@@ -210,21 +210,21 @@ def kr_tile(
     P: tl.constexpr,
 ):
     """Khatri-Rao tile ``i_m`` of the rows, ``phi [BT, BM]`` fp32 (features ``i_m * BM + arange(BM)``, those
-    ``>= M`` padding), and the factor blocks ``a_f [BT, B_f]`` with their offsets (for the gradient)."""
+    ``>= M`` padding), and the factor blocks ``a_f [BT, B_f]`` with their block indices ``i_f`` (for the
+    gradient)."""
     i3 = i_m % (R3 // B3)
     i2 = (i_m // (R3 // B3)) % (R2 // B2)
     i1 = i_m // ((R3 // B3) * (R2 // B2))
-    a1, o1 = factor_block(x1, rows, mask_t, i1, R1, B1, B1 > R1)
+    a1 = factor_block(x1, rows, mask_t, i1, R1, B1, B1 > R1)
     phi = a1  # [BT, B1]
-    a2, o2 = a1, o1
-    a3, o3 = a1, o1
+    a2, a3 = a1, a1
     if P >= 2:
-        a2, o2 = factor_block(x2, rows, mask_t, i2, R2, B2, False)
+        a2 = factor_block(x2, rows, mask_t, i2, R2, B2, False)
         phi = tl.reshape(phi[:, :, None] * a2[:, None, :], (BT, B1 * B2))
     if P == 3:
-        a3, o3 = factor_block(x3, rows, mask_t, i3, R3, B3, False)
+        a3 = factor_block(x3, rows, mask_t, i3, R3, B3, False)
         phi = tl.reshape(phi[:, :, None] * a3[:, None, :], (BT, B1 * B2 * B3))
-    return phi, a1, a2, a3, o1, o2, o3
+    return phi, a1, a2, a3, i1, i2, i3
 
 
 @triton.jit
@@ -288,10 +288,65 @@ def kr_tile_grads(
 
 
 @triton.jit
-def add_factor_grad(dx, rows, mask_t, o, g, R: tl.constexpr):
-    """``dx[rows, o] += g`` (fp32 atomics; columns ``o >= R`` are padding)."""
+def add_block(acc, g, i_f, W: tl.constexpr, B: tl.constexpr):
+    """``acc [BT, W // B, B]`` plus ``g [BT, B]`` at block ``i_f`` (columns ``i_f * B + arange(B)``), in registers."""
+    if W == B:
+        acc += g[:, None, :]
+    else:
+        acc += tl.where((tl.arange(0, W // B) == i_f)[None, :, None], g[:, None, :], 0.0)
+    return acc
+
+
+@triton.jit
+def kr_state_grads(
+    x1, x2, x3, rows, mask_t, G, w, S, z,
+    DV: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+    W3: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, WANT_DV: tl.constexpr,
+):  # fmt: skip
+    """Gradient through a state, over its Khatri-Rao tiles: ``dphi(x) = G S^T + w z^T`` -> the factor gradients
+    ``g_f [BT, W_f]`` fp32 (``W_f >= R_f`` columns, a power of two; summed in registers, columns ``>= R_f``
+    meaningless), and ``phi(x) S [BT, DV]`` fp32 if ``WANT_DV`` (else zeros).
+
+    ``G [BT, DV]`` (cast to ``S``'s dtype for the dots), ``w [BT]`` fp32; ``S``, ``z``: pointers to one state
+    ``[M, DV]`` and ``[M]``.
+    """
+    B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
+    B2: tl.constexpr = kr_block(2, R1, R2, R3, BM)
+    B3: tl.constexpr = kr_block(3, R1, R2, R3, BM)
+    NM: tl.constexpr = kr_tile_count(R1, R2, R3, BM)
+    M: tl.constexpr = R1 * R2 * R3
+    BMA: tl.constexpr = B1 * B2 * B3
+    o_v = tl.arange(0, DV)
+    G = G.to(S.dtype.element_ty)
+    acc1 = tl.zeros([BT, W1 // B1, B1], dtype=tl.float32)
+    acc2 = tl.zeros([BT, W2 // B2, B2], dtype=tl.float32)
+    acc3 = tl.zeros([BT, W3 // B3, B3], dtype=tl.float32)
+    dv = tl.zeros([BT, DV], dtype=tl.float32)
+    for i_m in range(NM):
+        phi, a1, a2, a3, i1, i2, i3 = kr_tile(x1, x2, x3, rows, mask_t, i_m, BT, R1, R2, R3, B1, B2, B3, P)
+        o_m = i_m * BMA + tl.arange(0, BMA)
+        mask_m = o_m < M
+        b_s = tl.load(S + o_m[:, None] * DV + o_v[None, :], mask=mask_m[:, None], other=0)  # [BMA, DV]
+        b_z = tl.load(z + o_m, mask=mask_m, other=0)  # [BMA]
+        # [BT, DV] @ [DV, BMA]
+        dphi = tl.dot(G, tl.trans(b_s), input_precision=PREC) + w[:, None] * b_z[None, :]
+        g1, g2, g3 = kr_tile_grads(dphi, a1, a2, a3, BT, B1, B2, B3, P)
+        acc1 = add_block(acc1, g1, i1, W1, B1)
+        if P >= 2:
+            acc2 = add_block(acc2, g2, i2, W2, B2)
+        if P == 3:
+            acc3 = add_block(acc3, g3, i3, W3, B3)
+        if WANT_DV:
+            dv += tl.dot(phi.to(b_s.dtype), b_s, input_precision=PREC)
+    return tl.reshape(acc1, (BT, W1)), tl.reshape(acc2, (BT, W2)), tl.reshape(acc3, (BT, W3)), dv
+
+
+@triton.jit
+def store_factor_grad(dx, rows, mask_t, g, R: tl.constexpr, W: tl.constexpr):
+    """``dx[rows] = g`` in ``dx``'s dtype: one factor's gradient ``g [BT, W]`` fp32 (columns ``>= R`` dropped)."""
+    o = tl.arange(0, W)
     mask = mask_t[:, None] & (o < R)[None, :]
-    tl.atomic_add(dx + rows[:, None] * R + o[None, :], g, mask=mask, sem="relaxed")
+    tl.store(dx + rows[:, None] * R + o[None, :], g.to(dx.dtype.element_ty), mask=mask)
 
 
 def fake_forward_outputs(q, v: torch.Tensor, cu_seqlens: torch.Tensor | None):

@@ -49,7 +49,7 @@ def main() -> None:
 
     for kern in (parallel.state_kernel, parallel.readout_kernel, parallel.token_bwd_kernel):
         kern.configs = kern.configs[:1]
-    for kern in (chunk.chunk_state_kernel, chunk.chunk_output_kernel, chunk.chunk_bwd_kernel):
+    for kern in chunk.KERNELS:
         kern.configs = chunk.gpu_configs(kern, 0)
     step.step_kernel.configs = step.step_kernel.configs[:1]
     B, T, H, Dv, widths = 1, 64, 2, 16, (16, 16)

@@ -40,14 +40,7 @@ from hadamard_attn.ops.triton import utils as tu
 DEV = "cuda"
 CHUNK = 64  # the causal kernels' chunk (tc.default_chunk_size() on the GPU), for the FLOP count
 FLA_K = 128  # fla's feature size in the causal comparison (Wan2.1's head dim)
-KERNELS = (
-    tp.state_kernel,
-    tp.readout_kernel,
-    tp.token_bwd_kernel,
-    tc.chunk_state_kernel,
-    tc.chunk_output_kernel,
-    tc.chunk_bwd_kernel,
-)
+KERNELS = (tp.state_kernel, tp.readout_kernel, tp.token_bwd_kernel, *tc.KERNELS)
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
@@ -137,7 +130,7 @@ def check(large: bool, causal: bool = False, small: bool = True) -> bool:
     T = 16,384 to 131,072); each kernel with its first config (quick compiles), in the form this device runs."""
     full = {kern: kern.configs for kern in KERNELS}
     for kern in KERNELS:
-        chunked = kern in (tc.chunk_state_kernel, tc.chunk_output_kernel, tc.chunk_bwd_kernel)
+        chunked = kern in tc.KERNELS
         kern.configs = tc.gpu_configs(kern, 0, torch.device(DEV)) if chunked else kern.configs[:1]
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     cases = [

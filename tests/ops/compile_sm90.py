@@ -55,7 +55,7 @@ def main(warps: int) -> None:
     JITFunction.run = compile_only
     from hadamard_attn.ops.triton import chunk
 
-    for kern in (chunk.chunk_state_kernel, chunk.chunk_output_kernel, chunk.chunk_bwd_kernel):
+    for kern in chunk.KERNELS:
         (c,) = chunk.gpu_configs(kern, 0)
         kern.configs = [triton.Config(c.kwargs, num_warps=warps, num_stages=c.num_stages)]
     B, T, H, Dv, widths = 1, 100, 2, 64, (64, 4)

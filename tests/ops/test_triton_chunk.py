@@ -144,7 +144,7 @@ def gpu_chunk(hla, monkeypatch):
     checked to stay inside one kernel argument (the interpreter does not fault on out-of-bounds addresses)."""
     chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
     monkeypatch.setattr(chunk, "default_chunk_size", lambda: 64)
-    kernels = (chunk.chunk_state_kernel, chunk.chunk_output_kernel, chunk.chunk_bwd_kernel)
+    kernels = chunk.KERNELS
     saved = [(kern.configs, kern.cache) for kern in kernels]
 
     def set_configs(i=0):
@@ -352,7 +352,7 @@ def test_two_warp_configs_compile_without_wgmma_for_hopper(warps, wgmma):
     out = subprocess.run([sys.executable, str(script), str(warps)], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     counts = json.loads(out.stdout.splitlines()[-1])
-    with_dots = ("chunk_state_kernel", "chunk_output_kernel", "chunk_bwd_kernel")
+    with_dots = ("chunk_state_kernel", "chunk_state_bwd_kernel", "chunk_output_kernel", "chunk_bwd_kernel")
     assert set(with_dots) <= set(counts), counts
     if wgmma:
         assert all(counts[name][0] > 0 for name in with_dots), counts

@@ -26,10 +26,10 @@ element-wise reductions. ``A_c`` can exceed fp16's range (``R^P``), so each row 
 magnitude before the ``A_c V_c`` dot and multiplied back after it.
 
 Backward, with ``g = do / (den + eps)`` and ``w = -sum(do * o) / (den + eps)`` per token (``do`` and 0 without
-``normalize``): the states entering the chunks are recomputed (``chunk_state_kernel``), the gradients of the
-states leaving them come from the same kernel walking the chunks in reverse over ``phi(Q)^T [g | w]``
-(``dhs [NT, H, M, Dv]``, same cost as ``hs``), and ``chunk_bwd_kernel`` (parallel over chunks) forms, once for
-the queries and once for the keys:
+``normalize``): the states entering the chunks are recomputed and the gradients of the states leaving them
+come from the same walk in reverse over ``phi(Q)^T [g | w]`` (``dhs [NT, H, M, Dv]``, same cost as ``hs``), both
+in one launch (``chunk_state_bwd_kernel``); then ``chunk_bwd_kernel`` (parallel over chunks, both sides in one
+launch) forms, for the queries and for the keys:
 
     dA_c = tril(g_c V_c^T + w_c 1^T)  -> dq_f through the P similarities,  dphi(Q_c) = g_c S_c^T + w_c z_c^T
     dA_c^T (formed as such)  -> dk_f,  dv_c = A_c^T g_c,  dphi(K_c) = V_c dS_c^T + 1 dz_c^T,  dv_c += phi(K_c) dS_c
@@ -99,6 +99,7 @@ def gpu_configs(kern, i: int = 0, device: torch.device | None = None) -> list[tr
     ``device``, in the form ``safe_configs`` keeps there."""
     table, keys = {
         "chunk_state_kernel": (STATE_CONFIGS, "BM BV"),
+        "chunk_state_bwd_kernel": (STATE_CONFIGS, "BM BV"),
         "chunk_output_kernel": (OUTPUT_CONFIGS, "BM BV"),
         "chunk_bwd_kernel": (BWD_CONFIGS, "BM"),
     }[kern.base_fn.__name__]
@@ -113,57 +114,29 @@ def default_chunk_size() -> int:
     return 16 if interpreting() else 64
 
 
-@triton.autotune(
-    configs=autotune_configs(*_with_two_warps(STATE_CONFIGS), keys="BM BV"),
-    prune_configs_by={"early_config_prune": safe_configs},
-    key=["R1", "R2", "R3", "DV", "P", "C", "HAS_INIT", "REVERSE", "DOT"],
-)
-@triton.jit(do_not_specialize=["T_SEQ"])
-def chunk_state_kernel(
-    x1,
-    x2,
-    x3,
-    v,
-    w,
-    S0,
-    z0,
-    hs,
-    hz,
-    S,
-    z,
-    cu_seqlens,
-    chunk_offsets,
-    T_SEQ,
-    H: tl.constexpr,
-    DV: tl.constexpr,
-    R1: tl.constexpr,
-    R2: tl.constexpr,
-    R3: tl.constexpr,
-    P: tl.constexpr,
-    C: tl.constexpr,
-    HAS_INIT: tl.constexpr,
-    REVERSE: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    DOT: tl.constexpr,
-    PREC: tl.constexpr,
-    BM: tl.constexpr,
-    BV: tl.constexpr,
-):
-    """One state tile of one sequence and head through its chunks: ``hs[c], hz[c]`` = the state entering chunk
-    ``c``, then ``S, z`` = the final state (fp32 ``[N, H, M, DV]``, ``[N, H, M]``); the state starts at
-    ``S0, z0`` if ``HAS_INIT``, else 0.
+STATE_KEY = ["R1", "R2", "R3", "DV", "P", "C", "HAS_INIT", "DOT"]
+
+
+@triton.jit
+def walk_chunks(
+    x1, x2, x3, v, w, S0, z0, hs, hz, S, z, cu_seqlens, chunk_offsets, T_SEQ, i_mv, i_nh,
+    H: tl.constexpr, DV: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, P: tl.constexpr,
+    C: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    """One state tile (``i_mv``: M tile * Dv tiles + Dv tile) of one sequence and head (``i_nh``) through its
+    chunks: ``hs[c], hz[c]`` = the state entering chunk ``c``, then ``S, z`` = the final state (fp32
+    ``[N, H, M, DV]``, ``[N, H, M]``; if ``STORE_FINAL``); the state starts at ``S0, z0`` if ``HAS_INIT``, else 0.
 
     Forward: ``x*`` key factors ``[TT, H, R_f]``, ``v`` values, ``z`` weights 1. ``REVERSE`` (the backward's
     state gradient): chunks last to first, ``x*`` query factors, ``v`` = ``g [TT, H, DV]``, ``z`` weights
     ``w [TT, H]`` (fp32): ``hs[c]`` is then the gradient of the state leaving chunk ``c``, ``S`` that of the
     initial state. ``chunk_offsets [N]``: index of each sequence's first chunk (varlen).
-    Grid: (M tiles * Dv tiles, N * H).
     """
     B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
     B2: tl.constexpr = kr_block(2, R1, R2, R3, BM)
     B3: tl.constexpr = kr_block(3, R1, R2, R3, BM)
     BD: tl.constexpr = at_most(BV, DV)  # the Dv tile
-    i_mv, i_nh = tl.program_id(0), tl.program_id(1)
     i_m, i_v = i_mv // tl.cdiv(DV, BD), i_mv % tl.cdiv(DV, BD)
     i_n, i_h = i_nh // H, i_nh % H
     M: tl.constexpr = R1 * R2 * R3
@@ -212,8 +185,112 @@ def chunk_state_kernel(
             b_z += tl.sum(phi_t * tl.load(w + rows, mask=mask_t, other=0)[None, :], 1)
         else:
             b_z += tl.sum(phi_t, 1)
-    tl.store(S + base * (M * DV) + o_m[:, None] * DV + o_v[None, :], b_s, mask=mask_m[:, None])
-    tl.store(z + base * M + o_m, b_z, mask=mask_z)
+    if STORE_FINAL:
+        tl.store(S + base * (M * DV) + o_m[:, None] * DV + o_v[None, :], b_s, mask=mask_m[:, None])
+        tl.store(z + base * M + o_m, b_z, mask=mask_z)
+
+
+@triton.autotune(
+    configs=autotune_configs(*_with_two_warps(STATE_CONFIGS), keys="BM BV"),
+    prune_configs_by={"early_config_prune": safe_configs},
+    key=STATE_KEY,
+)
+@triton.jit(do_not_specialize=["T_SEQ"])
+def chunk_state_kernel(
+    x1,
+    x2,
+    x3,
+    v,
+    S0,
+    z0,
+    hs,
+    hz,
+    S,
+    z,
+    cu_seqlens,
+    chunk_offsets,
+    T_SEQ,
+    H: tl.constexpr,
+    DV: tl.constexpr,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    R3: tl.constexpr,
+    P: tl.constexpr,
+    C: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+    BM: tl.constexpr,
+    BV: tl.constexpr,
+):
+    """The forward's states (``walk_chunks`` over the keys ``x*`` and values ``v``): ``hs, hz`` entering each
+    chunk and the final ``S, z``. Grid: (M tiles * Dv tiles, N * H)."""
+    walk_chunks(
+        x1, x2, x3, v, v, S0, z0, hs, hz, S, z, cu_seqlens, chunk_offsets, T_SEQ, tl.program_id(0), tl.program_id(1),
+        H, DV, R1, R2, R3, P, C, HAS_INIT, False, True, IS_VARLEN, DOT, PREC, BM, BV,
+    )  # fmt: skip
+
+
+@triton.autotune(
+    configs=autotune_configs(*_with_two_warps(STATE_CONFIGS), keys="BM BV"),
+    prune_configs_by={"early_config_prune": safe_configs},
+    key=STATE_KEY,
+)
+@triton.jit(do_not_specialize=["T_SEQ"])
+def chunk_state_bwd_kernel(
+    k1,
+    k2,
+    k3,
+    v,
+    S0,
+    z0,
+    hs,
+    hz,
+    q1,
+    q2,
+    q3,
+    g,
+    w,
+    dS,
+    dz,
+    dhs,
+    dhz,
+    dS0,
+    dz0,
+    cu_seqlens,
+    chunk_offsets,
+    T_SEQ,
+    H: tl.constexpr,
+    DV: tl.constexpr,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    R3: tl.constexpr,
+    P: tl.constexpr,
+    C: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+    BM: tl.constexpr,
+    BV: tl.constexpr,
+):
+    """The backward's two walks in one launch (``walk_chunks``): ``program_id(2) == 0`` recomputes the states
+    entering the chunks ``hs, hz`` over the keys; ``1`` walks the queries in reverse over ``phi(Q)^T [g | w]``
+    from ``dS, dz`` (the final state's gradient) to ``dhs, dhz`` and, with ``HAS_INIT``, ``dS0, dz0``.
+    Grid: (M tiles * Dv tiles, N * H, 2)."""
+    if tl.program_id(2) == 0:
+        walk_chunks(
+            k1, k2, k3, v, v, S0, z0, hs, hz, S0, z0, cu_seqlens, chunk_offsets, T_SEQ,
+            tl.program_id(0), tl.program_id(1),
+            H, DV, R1, R2, R3, P, C, HAS_INIT, False, False, IS_VARLEN, DOT, PREC, BM, BV,
+        )  # fmt: skip
+    else:
+        walk_chunks(
+            q1, q2, q3, g, w, dS, dz, dhs, dhz, dS0, dz0, cu_seqlens, chunk_offsets, T_SEQ,
+            tl.program_id(0), tl.program_id(1),
+            H, DV, R1, R2, R3, P, C, True, True, HAS_INIT, IS_VARLEN, DOT, PREC, BM, BV,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -400,45 +477,13 @@ def intra_grads(
     return g1, g2, g3
 
 
-@triton.autotune(
-    configs=autotune_configs(*_with_two_warps(BWD_CONFIGS), keys="BM"),
-    prune_configs_by={"early_config_prune": safe_configs},
-    key=["R1", "R2", "R3", "DV", "P", "C", "KEYS", "DOT"],
-)
-@triton.jit(do_not_specialize=["T_SEQ"])
-def chunk_bwd_kernel(
-    x1,
-    x2,
-    x3,
-    y1,
-    y2,
-    y3,
-    v,
-    g,
-    w,
-    hs,
-    hz,
-    dx1,
-    dx2,
-    dx3,
-    dv,
-    cu_seqlens,
-    chunk_seq,
-    chunk_tok,
-    T_SEQ,
-    H: tl.constexpr,
-    DV: tl.constexpr,
-    R1: tl.constexpr,
-    R2: tl.constexpr,
-    R3: tl.constexpr,
-    P: tl.constexpr,
-    C: tl.constexpr,
-    KEYS: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    DOT: tl.constexpr,
-    PREC: tl.constexpr,
+@triton.jit
+def side_grads(
+    x1, x2, x3, y1, y2, y3, v, g, w, hs, hz, dx1, dx2, dx3, dv, cu_seqlens, chunk_seq, chunk_tok, T_SEQ, i_c, i_h,
+    H: tl.constexpr, DV: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, P: tl.constexpr,
+    C: tl.constexpr, KEYS: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr,
-):
+):  # fmt: skip
     """Gradients of one side of one chunk, given ``g`` (d numerator, ``[TT, H, DV]`` fp32) and ``w`` (d
     denominator, ``[TT, H]``). ``x*``: the factors of that side, ``y*``: those of the other one.
 
@@ -450,12 +495,11 @@ def chunk_bwd_kernel(
     of the states leaving the chunks).
 
     A program owns the rows of its chunk: ``dx*`` and ``dv`` are summed in registers and stored once, in the
-    inputs' dtype. Grid: (NT, H).
+    inputs' dtype.
     """
     RP1: tl.constexpr = at_least(R1, 16)  # widths padded for tl.dot
     RP2: tl.constexpr = at_least(R2, 16)  # widths padded for tl.dot
     RP3: tl.constexpr = at_least(R3, 16)  # widths padded for tl.dot
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
     M: tl.constexpr = R1 * R2 * R3
     if IS_VARLEN:
         i_n = tl.load(chunk_seq + i_c)
@@ -517,6 +561,64 @@ def chunk_bwd_kernel(
         tl.store(dv + rows[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=mask_t[:, None])
 
 
+@triton.autotune(
+    configs=autotune_configs(*_with_two_warps(BWD_CONFIGS), keys="BM"),
+    prune_configs_by={"early_config_prune": safe_configs},
+    key=["R1", "R2", "R3", "DV", "P", "C", "DOT"],
+)
+@triton.jit(do_not_specialize=["T_SEQ"])
+def chunk_bwd_kernel(
+    q1,
+    q2,
+    q3,
+    k1,
+    k2,
+    k3,
+    v,
+    g,
+    w,
+    hs,
+    hz,
+    dhs,
+    dhz,
+    dq1,
+    dq2,
+    dq3,
+    dk1,
+    dk2,
+    dk3,
+    dv,
+    cu_seqlens,
+    chunk_seq,
+    chunk_tok,
+    T_SEQ,
+    H: tl.constexpr,
+    DV: tl.constexpr,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    R3: tl.constexpr,
+    P: tl.constexpr,
+    C: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+    BM: tl.constexpr,
+):
+    """Both sides of one chunk's gradients in one launch (``side_grads``): ``program_id(2) == 0`` the queries
+    (``dq*``, through the states entering the chunks ``hs, hz``), ``1`` the keys (``dk*`` and ``dv``, through the
+    gradients of the states leaving them ``dhs, dhz``). Grid: (NT, H, 2)."""
+    if tl.program_id(2) == 0:
+        side_grads(
+            q1, q2, q3, k1, k2, k3, v, g, w, hs, hz, dq1, dq2, dq3, dv, cu_seqlens, chunk_seq, chunk_tok, T_SEQ,
+            tl.program_id(0), tl.program_id(1), H, DV, R1, R2, R3, P, C, False, IS_VARLEN, DOT, PREC, BM,
+        )  # fmt: skip
+    else:
+        side_grads(
+            k1, k2, k3, q1, q2, q3, v, g, w, dhs, dhz, dk1, dk2, dk3, dv, cu_seqlens, chunk_seq, chunk_tok, T_SEQ,
+            tl.program_id(0), tl.program_id(1), H, DV, R1, R2, R3, P, C, True, IS_VARLEN, DOT, PREC, BM,
+        )  # fmt: skip
+
+
 @triton.jit
 def bwd_prep_kernel(do, o, den, g, w, eps, R, DV: tl.constexpr, NORMALIZE: tl.constexpr, BR: tl.constexpr):
     """The backward's per-(token, head) inputs, rows ``r < R = TT * H``: ``g = do / (den + eps)`` (fp32 ``[R, DV]``)
@@ -557,31 +659,15 @@ def _states_dtype(dtype: torch.dtype) -> torch.dtype:
     return dot_dtype(dtype) if dtype == torch.bfloat16 else torch.float32
 
 
-def _chunk_states(x, v, w, S0, z0, seqs, index, C: int, reverse: bool, dtype: torch.dtype):
-    """``(hs, hz, S, z)``: the state at every chunk and the last one, for inputs of ``dtype``; see
-    ``chunk_state_kernel``."""
-    B, T, H, Dv = v.shape
-    NT, chunk_offsets, _, _ = index
-    M = math.prod(t.shape[-1] for t in x)
-    R1, R2, R3 = widths3(tuple(t.shape[-1] for t in x))
-    x1, x2, x3 = factors3(x)
-    DOT, PREC = dot_config(dtype)
-    hs = empty((NT, H, M, Dv), _states_dtype(dtype), v.device)
-    hz = empty((NT, H, M), torch.float32, v.device)
-    S = empty((seqs.N, H, M, Dv), torch.float32, v.device)
-    z = empty((seqs.N, H, M), torch.float32, v.device)
-    has_init = S0 is not None
+def _chunk_states(NT: int, H: int, M: int, Dv: int, dtype: torch.dtype, device) -> State:
+    """Empty per-chunk states ``(hs [NT, H, M, Dv], hz [NT, H, M])`` for inputs of ``dtype``."""
+    return empty((NT, H, M, Dv), _states_dtype(dtype), device), empty((NT, H, M), torch.float32, device)
 
-    def grid(meta):
-        return kr_tile_count(R1, R2, R3, meta["BM"]) * triton.cdiv(Dv, min(meta["BV"], Dv)), seqs.N * H
 
-    chunk_state_kernel[grid](
-        x1, x2, x3, v, w if w is not None else v, S0 if has_init else S, z0 if has_init else z, hs, hz, S, z,
-        seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ,
-        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(x), C=C, HAS_INIT=has_init, REVERSE=reverse,
-        IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
-    )  # fmt: skip
-    return hs, hz, S, z
+def _state_grid(widths: tuple[int, ...], Dv: int, NH: int, walks: int = 1):
+    """Grid of the state kernels: (M tiles * Dv tiles, N * H, walks)."""
+    R1, R2, R3 = widths3(widths)
+    return lambda meta: (kr_tile_count(R1, R2, R3, meta["BM"]) * triton.cdiv(Dv, min(meta["BV"], Dv)), NH, walks)
 
 
 def _chunk_fwd(
@@ -606,12 +692,23 @@ def _chunk_fwd(
     index = _chunk_index(cu_seqlens, seqs, C, v.device)
     S0 = None if S0 is None else S0.float().contiguous()
     z0 = None if z0 is None else z0.float().contiguous()
-    hs, hz, S, z = _chunk_states(k, v, None, S0, z0, seqs, index, C, False, v.dtype)
+    widths = tuple(x.shape[-1] for x in q)
+    R1, R2, R3 = widths3(widths)
+    M = math.prod(widths)
+    DOT, PREC = dot_config(v.dtype)
+    NT, chunk_offsets, chunk_seq, chunk_tok = index
+    hs, hz = _chunk_states(NT, H, M, Dv, v.dtype, v.device)
+    S = empty((seqs.N, H, M, Dv), torch.float32, v.device)
+    z = empty((seqs.N, H, M), torch.float32, v.device)
+    has_init = S0 is not None
+    chunk_state_kernel[_state_grid(widths, Dv, seqs.N * H)](
+        *factors3(k), v, S0 if has_init else S, z0 if has_init else z, hs, hz, S, z,
+        seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ,
+        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(k), C=C, HAS_INIT=has_init, IS_VARLEN=seqs.IS_VARLEN,
+        DOT=DOT, PREC=PREC,
+    )  # fmt: skip
     o = empty(v.shape, v.dtype, v.device)
     den = empty((B * T, H), torch.float32, v.device)
-    R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
-    DOT, PREC = dot_config(v.dtype)
-    NT, _, chunk_seq, chunk_tok = index
     chunk_output_kernel[lambda meta: (NT, triton.cdiv(Dv, min(meta["BV"], Dv)), H)](
         *factors3(q), *factors3(k), v, hs, hz, o, den, seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps,
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
@@ -619,6 +716,9 @@ def _chunk_fwd(
     )  # fmt: skip
     return o, S, z, den
 
+
+# the autotuned kernels (tests and benchmarks pin their configs)
+KERNELS = (chunk_state_kernel, chunk_state_bwd_kernel, chunk_output_kernel, chunk_bwd_kernel)
 
 chunk_fwd = torch.library.custom_op("hadamard_attn::chunk_fwd", _chunk_fwd, mutates_args=())
 
@@ -646,8 +746,9 @@ def _chunk_bwd(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal backward: ``(dq, dk, dv, dS0, dz0)`` (``dS0, dz0`` fp32, empty without ``S0``).
 
-    The states entering the chunks are recomputed (``chunk_state_kernel``); the gradients of the states leaving
-    them come from the same kernel run in reverse over the queries; ``chunk_bwd_kernel`` does the rest.
+    Two launches after ``bwd_prep_kernel``: ``chunk_state_bwd_kernel`` recomputes the states entering the chunks
+    and, in the same launch, walks the queries in reverse for the gradients of the states leaving them;
+    ``chunk_bwd_kernel`` does the rest, both sides at once.
     """
     q = tuple(x.contiguous() for x in q)
     k = tuple(x.contiguous() for x in k)
@@ -665,28 +766,34 @@ def _chunk_bwd(
     bwd_prep_kernel[(triton.cdiv(B * T * H, BR),)](
         do.contiguous(), o.contiguous(), den, g, w, eps, B * T * H, DV=Dv, NORMALIZE=normalize, BR=BR
     )
-    hs, hz, _, _ = _chunk_states(k, v, None, S0, z0, seqs, index, C, False, v.dtype)
-    dhs, dhz, dS0, dz0 = _chunk_states(
-        q, g, w, dS.float().contiguous(), dz.float().contiguous(), seqs, index, C, True, v.dtype
-    )
-    dv = empty(v.shape, v.dtype, v.device)
-    R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
+    widths = tuple(x.shape[-1] for x in q)
+    R1, R2, R3 = widths3(widths)
+    M = math.prod(widths)
     DOT, PREC = dot_config(v.dtype)
-    NT, _, chunk_seq, chunk_tok = index
-
-    def side(x, y, states, keys):
-        dx = [empty(t.shape, t.dtype, v.device) for t in x]
-        chunk_bwd_kernel[(NT, H)](
-            *factors3(x), *factors3(y), v, g, w, *states, *factors3(dx), dv,
-            seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ,
-            H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, KEYS=keys, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
-        )  # fmt: skip
-        return dx
-
-    dq = side(q, k, (hs, hz), False)
-    dk = side(k, q, (dhs, dhz), True)
-    if S0 is None:
+    NT, chunk_offsets, chunk_seq, chunk_tok = index
+    hs, hz = _chunk_states(NT, H, M, Dv, v.dtype, v.device)
+    dhs, dhz = _chunk_states(NT, H, M, Dv, v.dtype, v.device)
+    dS, dz = dS.float().contiguous(), dz.float().contiguous()
+    has_init = S0 is not None
+    if has_init:
+        dS0, dz0 = empty(S0.shape, torch.float32, v.device), empty(z0.shape, torch.float32, v.device)
+    else:
         dS0, dz0 = v.new_empty(0, dtype=torch.float32), v.new_empty(0, dtype=torch.float32)
+    chunk_state_bwd_kernel[_state_grid(widths, Dv, seqs.N * H, 2)](
+        *factors3(k), v, S0 if has_init else dS, z0 if has_init else dz, hs, hz,
+        *factors3(q), g, w, dS, dz, dhs, dhz, dS0 if has_init else dS, dz0 if has_init else dz,
+        seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ,
+        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, HAS_INIT=has_init, IS_VARLEN=seqs.IS_VARLEN,
+        DOT=DOT, PREC=PREC,
+    )  # fmt: skip
+    dq = [empty(x.shape, x.dtype, v.device) for x in q]
+    dk = [empty(x.shape, x.dtype, v.device) for x in k]
+    dv = empty(v.shape, v.dtype, v.device)
+    chunk_bwd_kernel[(NT, H, 2)](
+        *factors3(q), *factors3(k), v, g, w, hs, hz, dhs, dhz, *factors3(dq), *factors3(dk), dv,
+        seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ,
+        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
+    )  # fmt: skip
     return dq, dk, dv, dS0, dz0
 
 

@@ -59,6 +59,7 @@ from .utils import (
     autotune_configs,
     dot_config,
     dot_dtype,
+    dummy,
     empty,
     factor_block,
     factors3,
@@ -74,6 +75,7 @@ from .utils import (
     seq_bounds,
     sequences,
     store_factor_grad,
+    tile_count,
     traced,
     widths3,
 )
@@ -641,8 +643,8 @@ def _chunk_index(cu_seqlens: torch.Tensor | None, seqs, C: int, device):
     """``(NT, chunk_offsets [N], chunk_seq [NT], chunk_tok [NT])`` (int32): number of chunks, each sequence's
     first chunk, each chunk's sequence and first token; dummies for a dense batch."""
     if not seqs.IS_VARLEN:
-        dummy = torch.empty(1, dtype=torch.int32, device=device)
-        return seqs.N * triton.cdiv(seqs.T_SEQ, C), dummy, dummy, dummy
+        none = dummy(device)
+        return seqs.N * triton.cdiv(seqs.T_SEQ, C), none, none, none
     cu = seqs.cu_seqlens.long()
     n_chunks = (cu[1:] - cu[:-1] + C - 1) // C  # [N]
     offsets = torch.cumsum(n_chunks, 0) - n_chunks  # [N]
@@ -667,7 +669,7 @@ def _chunk_states(NT: int, H: int, M: int, Dv: int, dtype: torch.dtype, device) 
 def _state_grid(widths: tuple[int, ...], Dv: int, NH: int, walks: int = 1):
     """Grid of the state kernels: (M tiles * Dv tiles, N * H, walks)."""
     R1, R2, R3 = widths3(widths)
-    return lambda meta: (kr_tile_count(R1, R2, R3, meta["BM"]) * triton.cdiv(Dv, min(meta["BV"], Dv)), NH, walks)
+    return lambda meta: (tile_count(R1, R2, R3, meta["BM"]) * triton.cdiv(Dv, min(meta["BV"], Dv)), NH, walks)
 
 
 def _chunk_fwd(

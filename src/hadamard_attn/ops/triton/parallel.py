@@ -44,6 +44,7 @@ from .utils import (
     seq_of,
     sequences,
     store_factor_grad,
+    tile_count,
     traced,
     widths3,
 )
@@ -401,7 +402,7 @@ def _build_state(x, v, S, z, seqs, w_mode, den=None, w=None, eps=0.0):
     def grid(meta):
         # split the tokens so that there are about 8 programs per SM (H100, (32, 32), N = 32760: 4 per SM
         # left a wave half empty, 0.45 ms; 8 per SM, 0.35 ms; 12, 0.355 ms)
-        tiles = kr_tile_count(R1, R2, R3, meta["BM"]) * triton.cdiv(Dv, min(meta["BV"], Dv)) * H
+        tiles = tile_count(R1, R2, R3, meta["BM"]) * triton.cdiv(Dv, min(meta["BV"], Dv)) * H
         splits = min(triton.cdiv(8 * _num_sms(v.device), tiles), triton.cdiv(TT, 4 * meta["BT"]))
         return tiles // H, max(splits, 1), H
 

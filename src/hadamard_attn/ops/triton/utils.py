@@ -9,6 +9,7 @@ time: a tile is a contiguous range of features. Only factor 1 may be padded (``B
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import NamedTuple
@@ -119,6 +120,18 @@ def kr_tile_count(R1: int, R2: int, R3: int, BM: int) -> int:
     return -(-R1 // B1) * -(-R2 // B2) * -(-R3 // B3)
 
 
+@functools.cache
+def tile_count(R1: int, R2: int, R3: int, BM: int) -> int:
+    """``kr_tile_count`` on the host (launch grids), memoised: a constexpr function's call costs several us."""
+    return kr_tile_count(R1, R2, R3, BM)
+
+
+@functools.cache
+def dummy(device: torch.device) -> torch.Tensor:
+    """An int32 tensor for the pointer arguments a launch does not read (one per device, not one per call)."""
+    return torch.empty(1, dtype=torch.int32, device=device)
+
+
 # evaluated when a kernel compiles, also callable on the host (per-launch ``triton.heuristics`` cost about 20 us of
 # host time a launch)
 
@@ -152,8 +165,7 @@ class Seqs(NamedTuple):
 def sequences(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> Seqs:
     """The B rows of a dense batch, or the ``cu_seqlens`` ranges of a packed one (``B == 1``)."""
     if cu_seqlens is None:
-        dummy = torch.empty(1, dtype=torch.int32, device=device)
-        return Seqs(dummy, dummy, B, T, False)
+        return Seqs(dummy(device), dummy(device), B, T, False)
     cu = cu_seqlens.to(torch.int32)
     seq_ids = torch.bucketize(torch.arange(T, device=device, dtype=torch.int32), cu[1:], right=True).to(torch.int32)
     return Seqs(cu, seq_ids, cu.numel() - 1, 0, True)

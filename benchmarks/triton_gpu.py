@@ -125,13 +125,27 @@ def check_one(widths, Dv, dtype, B, T, H, normalize=True, init=False, cu=None, r
     return ok
 
 
-def check(large: bool, causal: bool = False, small: bool = True) -> bool:
-    """The test matrix at real sizes (causal or not; ``small``: the cases up to a few thousand tokens, ``large``:
-    T = 16,384 to 131,072); each kernel with its first config (quick compiles), in the form this device runs."""
-    full = {kern: kern.configs for kern in KERNELS}
+def pin_configs(i: int) -> None:
+    """Every kernel limited to its autotuning candidate ``i`` (the last one where it has fewer), in the form this
+    device runs."""
     for kern in KERNELS:
-        chunked = kern in tc.KERNELS
-        kern.configs = tc.gpu_configs(kern, 0, torch.device(DEV)) if chunked else kern.configs[:1]
+        if kern in tc.KERNELS:
+            kern.configs = tc.gpu_configs(kern, min(i, len(tc.STATE_CONFIGS) - 1), torch.device(DEV))
+        else:
+            kern.configs = kern.configs[min(i, len(kern.configs) - 1) :][:1]
+        kern.cache = {}
+
+
+def max_configs() -> int:
+    return max(len(kern.configs) for kern in KERNELS if kern not in tc.KERNELS)
+
+
+def check(large: bool, causal: bool = False, small: bool = True, config: int = 0) -> bool:
+    """The test matrix at real sizes (causal or not; ``small``: the cases up to a few thousand tokens, ``large``:
+    T = 16,384 to 131,072); each kernel with its autotuning candidate ``config`` (``pin_configs``). For a
+    candidate other than the first, three cases of the matrix (P = 2 and 3, varlen, fp16 with a state)."""
+    full = {kern: kern.configs for kern in KERNELS}
+    pin_configs(config)
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     cases = [
         ((32, 32), 128, bf16, 2, 1531, 3, True, True, None),
@@ -152,10 +166,13 @@ def check(large: bool, causal: bool = False, small: bool = True) -> bool:
             f"  ptxas {'.'.join(map(str, tu.ptxas_version()))}: chunk kernels with "
             f"{'num_warps = 2 (no wgmma)' if tu.register_wgmma_hazard(torch.device(DEV)) else 'wgmma'}"
         )
+    if config:
+        log(f"  autotuning candidate {config} of every kernel")
+        cases = [cases[i] for i in (0, 2, 3)]
     for c in cases if small else ():
         ok &= check_one(*c, causal=causal)
     # a transformers prefill: B = 2, T = 4 chunks of 64 exactly, the last row left-padded (zero keys and values)
-    for dtype in (fp32, bf16, fp16) if small else ():
+    for dtype in (fp32, bf16, fp16) if small and not config else ():
         ok &= check_one((16, 16), 64, dtype, 2, 256, 8, True, False, None, causal=causal, pad=100)
     if large:
         big = "chunk" if causal else "parallel"  # the float64 torch path of the same mode
@@ -206,8 +223,20 @@ def check_step() -> bool:
     return ok
 
 
+GRAPHS = False  # --graphs: each timing also as a CUDA-graph replay
+
+
 def bench_ms(fn, rep=200) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def log_graph_replay(name: str, fwd, fwd_bwd) -> None:
+    """With ``--graphs``: forward and forward+backward timed as CUDA-graph replays (``do_bench_cudagraph``
+    medians), i.e. the GPU work without the host's launch gaps."""
+    if not GRAPHS:
+        return
+    ms = [triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") for fn in (fwd, fwd_bwd)]
+    log(f"      {name} as CUDA-graph replays: fwd {ms[0]:.3f} ms, f+b {ms[1]:.3f} ms")
 
 
 def peak_mem(fn) -> float:
@@ -269,7 +298,9 @@ def bench_sdpa(N, H, Dv, causal=False):
         return torch.autograd.grad(fwd(), (q, k, v), do)
 
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-        return bench_ms(fwd, rep=100), bench_ms(fwd_bwd, rep=100), peak_mem(fwd_bwd)
+        r = bench_ms(fwd, rep=100), bench_ms(fwd_bwd, rep=100), peak_mem(fwd_bwd)
+        log_graph_replay("SDPA", fwd, fwd_bwd)
+        return r
 
 
 def bench_fla(N, H, Dv, K=FLA_K):
@@ -291,7 +322,9 @@ def bench_fla(N, H, Dv, K=FLA_K):
         return torch.autograd.grad(fwd(), (q, k, v), do)
 
     try:
-        return bench_ms(fwd, rep=100), bench_ms(fwd_bwd, rep=100), peak_mem(fwd_bwd)
+        r = bench_ms(fwd, rep=100), bench_ms(fwd_bwd, rep=100), peak_mem(fwd_bwd)
+        log_graph_replay("fla", fwd, fwd_bwd)
+        return r
     except Exception as e:  # an fla version with another signature: skip it, keep the run
         log(f"  (fla chunk_linear_attn failed: {type(e).__name__}: {e})")
         return None
@@ -332,6 +365,8 @@ def bench(ns, widths_list, peak, impls, rows, torch_max_n, causal=False):
                 rows.append((N, impl, "x".join(map(str, widths)), f, fb, flops / f / 1e9, 3 * flops / fb / 1e9, mem))
                 vs = f"  ({sdpa_f / f:.0f}x SDPA fwd, {sdpa_fb / fb:.1f}x f+b)"
                 log(fmt(rows[-1], peak) + (vs if impl == "triton" else ""))
+                if impl == "triton":
+                    log_graph_replay("HLA Triton", fwd, fwd_bwd)
                 if impl == "triton" and N == ns[0]:
                     profile(fwd_bwd)
             del q, k, v, leaves
@@ -372,9 +407,11 @@ def main():
     p.add_argument("--no-large", action="store_true")
     p.add_argument("--large-only", action="store_true", help="only the large cases of the check")
     p.add_argument("--no-bench", action="store_true", help="the check only")
+    p.add_argument("--every-config", action="store_true", help="check every autotuning candidate, not the first only")
     p.add_argument("--step", action="store_true", help="only the decode step: check and timings")
     p.add_argument("--ns", default="4096,16384,32760,75600,131072")
     p.add_argument("--widths", default="16x16,32x32,64x4,64x64,16x16x16")
+    p.add_argument("--graphs", action="store_true", help="also time SDPA, fla and HLA Triton as CUDA-graph replays")
     p.add_argument("--causal", action="store_true", help="causal HLA: chunked kernels vs causal SDPA, torch chunk, fla")
     p.add_argument("--impls", default=None, help="default: parallel,triton (chunk,triton with --causal)")
     p.add_argument(
@@ -384,6 +421,8 @@ def main():
         help="skip the (slow) torch path (parallel, or chunk with --causal) above this N",
     )
     a = p.parse_args()
+    global GRAPHS
+    GRAPHS = a.graphs
     impls = (a.impls or ("chunk,triton" if a.causal else "parallel,triton")).split(",")
     mode = "causal" if a.causal else "non-causal"
     props = torch.cuda.get_device_properties(0)
@@ -396,6 +435,8 @@ def main():
     if not a.skip_check:
         t0 = time.time()
         ok = check(not a.no_large, a.causal, small=not a.large_only)
+        for i in range(1, max_configs() if a.every_config else 1):
+            ok &= check(False, a.causal, config=i)
         log(f"check {'PASSED' if ok else 'FAILED'} in {time.time() - t0:.0f} s")
     if a.no_bench:
         sys.exit(0 if ok else 1)

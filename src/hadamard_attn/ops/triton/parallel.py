@@ -64,6 +64,8 @@ def _num_sms(device: torch.device) -> int:
         (64, 128, 128, 4, 2),
         (64, 64, 128, 4, 3),
         (64, 128, 64, 4, 3),
+        (64, 128, 128, 8, 2),
+        (128, 128, 128, 8, 2),
         keys="BT BM BV",
     ),
     key=["R1", "R2", "R3", "DV", "P", "W_MODE", "SCALE", "DOT"],
@@ -134,7 +136,7 @@ def state_kernel(
                 # [BMA, BT]
                 phi_t = kr_tile_t(x1, x2, x3, rows, mask_t, i_m, BT, R1, R2, R3, B1, B2, B3, P)
                 if SCALE:
-                    phi_t = phi_t / (tl.load(den + rows, mask=mask_t, other=0) + eps)[None, :]
+                    phi_t = phi_t * (1.0 / (tl.load(den + rows, mask=mask_t, other=0) + eps))[None, :]
                 phi_t = phi_t.to(DOT)
                 # [BT, BD]
                 b_v = tl.load(v + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0)
@@ -159,6 +161,7 @@ def state_kernel(
         (128, 64, 128, 4, 3),
         (64, 64, 128, 4, 4),
         (128, 128, 128, 8, 2),
+        (256, 64, 128, 8, 2),
         keys="BT BM BV",
     ),
     key=["R1", "R2", "R3", "DV", "P", "NORMALIZE", "DOT"],

@@ -33,7 +33,7 @@ else:
 from hadamard_attn.ops import hadamard_attn  # noqa: E402
 
 tp = importlib.import_module("hadamard_attn.ops.triton.parallel")
-from triton_checks import DEVICE, check, check_half, make, rel  # noqa: E402
+from triton_checks import DEVICE, check, check_half, check_partial, make, rel  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +69,11 @@ def test_parallel(widths, Dv, B, T, H, normalize, init):
 def test_parallel_varlen(normalize, init):
     # sequences of 1, 8 and 21 tokens; the first two share a block of tokens
     check(hla_triton, (4, 8), 16, 1, 30, 2, normalize, init, cu_seqlens=[0, 1, 9, 30], causal=False)
+
+
+@pytest.mark.parametrize("used", ["o", "S", "Sz"])
+def test_parallel_partial_outputs(used):
+    check_partial(hla_triton, used, causal=False)
 
 
 def test_parallel_varlen_p3():

@@ -18,7 +18,7 @@ import torch
 triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 
-from triton_checks import DEVICE, check, check_half, make, rel  # noqa: E402
+from triton_checks import DEVICE, check, check_half, check_partial, make, rel  # noqa: E402
 
 from hadamard_attn.ops import hadamard_attn  # noqa: E402
 from hadamard_attn.ops.naive import naive_hadamard_attn  # noqa: E402
@@ -59,6 +59,12 @@ def test_chunk(hla, widths, Dv, B, T, H, normalize, init):
 def test_chunk_varlen(hla, normalize, init):
     # sequences of 1, 16 and 23 tokens: chunks restart at every sequence, the states stay per sequence
     check(hla, (4, 8), 16, 1, 40, 2, normalize, init, cu_seqlens=[0, 1, 17, 40], causal=True)
+
+
+@pytest.mark.parametrize("used", ["o", "S", "z", "Sz"])
+def test_chunk_partial_outputs(hla, used):
+    # the outputs without a gradient reach the backward as None (no zeros materialised)
+    check_partial(hla, used, causal=True)
 
 
 def test_chunk_varlen_p3(hla):

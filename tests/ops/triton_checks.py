@@ -85,3 +85,22 @@ def check_half(hla, xs, st, causal, scale, grad_tol):
     grads_ref = torch.autograd.grad((o_ref * do.double()).sum() + (S_ref * dS.double()).sum(), ref)
     for a, b in zip(grads, grads_ref):
         assert a.isfinite().all() and rel(a, b) < grad_tol
+
+
+def check_partial(hla, used: str, *, causal: bool) -> None:
+    """Gradients through part of the outputs only (``used``: some of ``o``, ``S``, ``z``; the others get no
+    gradient, None in autograd), with an initial state, against the float64 reference."""
+    P, widths = 2, (4, 8)
+    leaves = make(2, 21, 2, widths, 16, 2, True)
+    ref = [x.detach().double().requires_grad_(True) for x in leaves]
+
+    def loss(fn, xs):
+        o, (S, z) = fn(tuple(xs[:P]), tuple(xs[P : 2 * P]), xs[2 * P], causal, True, 1e-6, (xs[-2], xs[-1]), True)
+        outs = {"o": o, "S": S, "z": z}
+        return sum((outs[name].double() * (1.0 + outs[name].double().detach().sin())).sum() for name in used)
+
+    grads = torch.autograd.grad(loss(hla.triton_hadamard_attn, leaves), leaves, allow_unused=True)
+    grads_ref = torch.autograd.grad(loss(naive_hadamard_attn, ref), ref, allow_unused=True)
+    for i, (a, b, x) in enumerate(zip(grads, grads_ref, ref)):  # None: no dependence (z alone: not on q or v)
+        a, b = (torch.zeros_like(x) if t is None else t for t in (a, b))
+        assert torch.isfinite(a).all() and (a.double() - b).abs().max() <= 1e-5 * b.abs().max().clamp_min(1.0), i

@@ -70,6 +70,7 @@ from .utils import (
     kr_tile,
     kr_tile_count,
     kr_tile_t,
+    launch,
     register_wgmma_hazard,
     safe_configs,
     seq_bounds,
@@ -271,6 +272,7 @@ def chunk_state_bwd_kernel(
     P: tl.constexpr,
     C: tl.constexpr,
     HAS_INIT: tl.constexpr,
+    HAS_DS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
@@ -279,7 +281,8 @@ def chunk_state_bwd_kernel(
 ):
     """The backward's two walks in one launch (``walk_chunks``): ``program_id(2) == 0`` recomputes the states
     entering the chunks ``hs, hz`` over the keys; ``1`` walks the queries in reverse over ``phi(Q)^T [g | w]``
-    from ``dS, dz`` (the final state's gradient) to ``dhs, dhz`` and, with ``HAS_INIT``, ``dS0, dz0``.
+    from ``dS, dz`` (the final state's gradient, 0 without ``HAS_DS``) to ``dhs, dhz`` and, with ``HAS_INIT``,
+    ``dS0, dz0``.
     Grid: (M tiles * Dv tiles, N * H, 2)."""
     if tl.program_id(2) == 0:
         walk_chunks(
@@ -291,7 +294,7 @@ def chunk_state_bwd_kernel(
         walk_chunks(
             q1, q2, q3, g, w, dS, dz, dhs, dhz, dS0, dz0, cu_seqlens, chunk_offsets, T_SEQ,
             tl.program_id(0), tl.program_id(1),
-            H, DV, R1, R2, R3, P, C, True, True, HAS_INIT, IS_VARLEN, DOT, PREC, BM, BV,
+            H, DV, R1, R2, R3, P, C, HAS_DS, True, HAS_INIT, IS_VARLEN, DOT, PREC, BM, BV,
         )  # fmt: skip
 
 
@@ -703,7 +706,8 @@ def _chunk_fwd(
     S = empty((seqs.N, H, M, Dv), torch.float32, v.device)
     z = empty((seqs.N, H, M), torch.float32, v.device)
     has_init = S0 is not None
-    chunk_state_kernel[_state_grid(widths, Dv, seqs.N * H)](
+    launch(
+        chunk_state_kernel, _state_grid(widths, Dv, seqs.N * H),
         *factors3(k), v, S0 if has_init else S, z0 if has_init else z, hs, hz, S, z,
         seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ,
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(k), C=C, HAS_INIT=has_init, IS_VARLEN=seqs.IS_VARLEN,
@@ -711,7 +715,8 @@ def _chunk_fwd(
     )  # fmt: skip
     o = empty(v.shape, v.dtype, v.device)
     den = empty((B * T, H), torch.float32, v.device)
-    chunk_output_kernel[lambda meta: (NT, triton.cdiv(Dv, min(meta["BV"], Dv)), H)](
+    launch(
+        chunk_output_kernel, lambda meta: (NT, triton.cdiv(Dv, min(meta["BV"], Dv)), H),
         *factors3(q), *factors3(k), v, hs, hz, o, den, seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps,
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
         DOT=DOT, PREC=PREC,
@@ -740,13 +745,14 @@ def _chunk_bwd(
     z0: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     do: torch.Tensor,
-    dS: torch.Tensor,
-    dz: torch.Tensor,
+    dS: torch.Tensor | None,
+    dz: torch.Tensor | None,
     normalize: bool,
     eps: float,
     chunk_size: int,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Causal backward: ``(dq, dk, dv, dS0, dz0)`` (``dS0, dz0`` fp32, empty without ``S0``).
+    """Causal backward: ``(dq, dk, dv, dS0, dz0)`` (``dS0, dz0`` fp32, empty without ``S0``); ``dS, dz``: the final
+    state's gradient, None for none.
 
     Two launches after ``bwd_prep_kernel``: ``chunk_state_bwd_kernel`` recomputes the states entering the chunks
     and, in the same launch, walks the queries in reverse for the gradients of the states leaving them;
@@ -775,23 +781,27 @@ def _chunk_bwd(
     NT, chunk_offsets, chunk_seq, chunk_tok = index
     hs, hz = _chunk_states(NT, H, M, Dv, v.dtype, v.device)
     dhs, dhz = _chunk_states(NT, H, M, Dv, v.dtype, v.device)
-    dS, dz = dS.float().contiguous(), dz.float().contiguous()
+    has_ds = dS is not None
+    dS = dS.float().contiguous() if has_ds else hz
+    dz = dz.float().contiguous() if has_ds else hz
     has_init = S0 is not None
     if has_init:
         dS0, dz0 = empty(S0.shape, torch.float32, v.device), empty(z0.shape, torch.float32, v.device)
     else:
         dS0, dz0 = v.new_empty(0, dtype=torch.float32), v.new_empty(0, dtype=torch.float32)
-    chunk_state_bwd_kernel[_state_grid(widths, Dv, seqs.N * H, 2)](
+    launch(
+        chunk_state_bwd_kernel, _state_grid(widths, Dv, seqs.N * H, 2),
         *factors3(k), v, S0 if has_init else dS, z0 if has_init else dz, hs, hz,
         *factors3(q), g, w, dS, dz, dhs, dhz, dS0 if has_init else dS, dz0 if has_init else dz,
         seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ,
-        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, HAS_INIT=has_init, IS_VARLEN=seqs.IS_VARLEN,
-        DOT=DOT, PREC=PREC,
+        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, HAS_INIT=has_init, HAS_DS=has_ds,
+        IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
     )  # fmt: skip
     dq = [empty(x.shape, x.dtype, v.device) for x in q]
     dk = [empty(x.shape, x.dtype, v.device) for x in k]
     dv = empty(v.shape, v.dtype, v.device)
-    chunk_bwd_kernel[(NT, H, 2)](
+    launch(
+        chunk_bwd_kernel, (NT, H, 2),
         *factors3(q), *factors3(k), v, g, w, hs, hz, dhs, dhz, *factors3(dq), *factors3(dk), dv,
         seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ,
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
@@ -824,12 +834,17 @@ class ChunkHLATriton(torch.autograd.Function):
         o, S, z, den = traced(chunk_fwd, _chunk_fwd)(q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size)
         ctx.save_for_backward(v, o, den, S0, z0, cu_seqlens, *factors)
         ctx.cfg = (P, normalize, eps, chunk_size)
+        ctx.set_materialize_grads(False)  # an unused final state costs no zeros
         return o, S, z
 
     @staticmethod
     def backward(ctx, do, dS, dz):
         P, normalize, eps, C = ctx.cfg
         v, o, den, S0, z0, cu_seqlens, *factors = ctx.saved_tensors
+        do = torch.zeros_like(o) if do is None else do
+        if (dS is None) != (dz is None):  # one of S and z used: the other's gradient is 0
+            dS = torch.zeros(*dz.shape, v.shape[-1], device=dz.device) if dS is None else dS
+            dz = torch.zeros(dS.shape[:-1], device=dS.device) if dz is None else dz
         dq, dk, dv, dS0, dz0 = traced(chunk_bwd, _chunk_bwd)(
             factors[:P], factors[P:], v, o, den, S0, z0, cu_seqlens, do, dS, dz, normalize, eps, C
         )

@@ -40,6 +40,7 @@ from .utils import (
     kr_tile,
     kr_tile_count,
     kr_tile_t,
+    launch,
     seq_bounds,
     seq_of,
     sequences,
@@ -409,7 +410,8 @@ def _build_state(x, v, S, z, seqs, w_mode, den=None, w=None, eps=0.0):
         splits = min(triton.cdiv(8 * _num_sms(v.device), tiles), triton.cdiv(TT, 4 * meta["BT"]))
         return tiles // H, max(splits, 1), H
 
-    state_kernel[grid](
+    launch(
+        state_kernel, grid,
         x1, x2, x3, v, den if den is not None else v, w if w is not None else v, S, z,
         seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(x), W_MODE=w_mode, SCALE=den is not None,
@@ -426,7 +428,8 @@ def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, den=None,
     d1, d2, d3 = factors3(dx)
     DOT, PREC = dot_config(g.dtype)
     TT = B * T
-    token_bwd_kernel[lambda meta: (triton.cdiv(TT, meta["BT"]), H)](
+    launch(
+        token_bwd_kernel, lambda meta: (triton.cdiv(TT, meta["BT"]), H),
         x1, x2, x3, g, o if o is not None else g, den if den is not None else g, w if w is not None else g,
         S, scale if scale is not None else z, z, d1, d2, d3, dv if dv is not None else g,
         seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
@@ -466,7 +469,8 @@ def _parallel_fwd(
     DOT, PREC = dot_config(v.dtype)
     TT = B * T
     scale = _range_scale(S, z, v.dtype)
-    readout_kernel[lambda meta: (triton.cdiv(TT, meta["BT"]), triton.cdiv(Dv, min(meta["BV"], Dv)), H)](
+    launch(
+        readout_kernel, lambda meta: (triton.cdiv(TT, meta["BT"]), triton.cdiv(Dv, min(meta["BV"], Dv)), H),
         x1, x2, x3, _with_z(S, z, scale, v.dtype), scale if scale is not None else z, o, den,
         seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,

@@ -19,7 +19,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import at_most, autotune_configs, empty, factors3, kr_block, kr_tile, kr_tile_count, traced, widths3
+from .utils import (
+    at_most,
+    autotune_configs,
+    empty,
+    factors3,
+    kr_block,
+    kr_tile,
+    kr_tile_count,
+    launch,
+    traced,
+    widths3,
+)
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -112,7 +123,8 @@ def _step(
     z_new = empty((B, H, M), torch.float32, v.device)
     o = empty(v.shape, v.dtype, v.device)
     R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
-    step_kernel[lambda meta: (triton.cdiv(Dv, min(meta["BV"], Dv)), B * H)](
+    launch(
+        step_kernel, lambda meta: (triton.cdiv(Dv, min(meta["BV"], Dv)), B * H),
         *factors3(q), *factors3(k), v,
         S.contiguous() if has_state else S_new, z.contiguous() if has_state else z_new, S_new, z_new, o, eps,
         DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), HAS_STATE=has_state, NORMALIZE=normalize,

@@ -74,6 +74,22 @@ def autotune_configs(*candidates: tuple[int, ...], keys: str) -> list[triton.Con
     return [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1]) for c in candidates]
 
 
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` for a ``triton.autotune``d kernel. The autotuner runs on the first call of
+    each autotuning key (its ``key`` arguments, all passed by name here); later calls launch the config it chose
+    directly: the autotuner's own work per call (dictionaries of every argument, each tensor's dtype as text) cost
+    about 55 us of host time a launch on an H100 host. Assigning ``kernel.configs`` (tests pin configs) resets it.
+    """
+    chosen = kernel.__dict__.setdefault("_chosen", {})
+    key = tuple(kwargs[k] for k in kernel.keys)
+    hit = chosen.get(key)
+    if hit is not None and hit[0] is kernel.configs:
+        kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **hit[1].all_kwargs())
+        return
+    kernel[grid](*args, **kwargs)
+    chosen[key] = (kernel.configs, kernel.best_config)
+
+
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every output the kernels write in full is allocated here (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)

@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python3 benchmarks/triton_gpu.py [--skip-check] [--ns 4096,32760] [--widths 32x32,64x4]
     PYTHONPATH=src python3 benchmarks/triton_gpu.py --causal [--skip-check] [--ns 4096,32760] [--widths 16x16]
+    (either with --every-config: the check runs every autotuning candidate; --graphs: CUDA-graph replays too)
 
 1. correctness at real sizes: forward and every gradient against float64 (the quadratic reference up to a few
    thousand tokens, the torch ``parallel`` path beyond), outputs poisoned with NaN; bf16 at T = 131072 finite;

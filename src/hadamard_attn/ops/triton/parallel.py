@@ -41,6 +41,7 @@ from .utils import (
     kr_tile_count,
     kr_tile_t,
     launch,
+    length_class,
     seq_bounds,
     seq_of,
     sequences,
@@ -69,10 +70,10 @@ def _num_sms(device: torch.device) -> int:
         (128, 128, 128, 8, 2),
         keys="BT BM BV",
     ),
-    key=["R1", "R2", "R3", "DV", "P", "W_MODE", "SCALE", "DOT"],
+    key=["R1", "R2", "R3", "DV", "P", "W_MODE", "SCALE", "DOT", "LENGTH_CLASS"],
     restore_value=["S", "z"],
 )
-@triton.jit(do_not_specialize=["TT", "T_SEQ"])
+@triton.jit(do_not_specialize=["TT", "T_SEQ", "LENGTH_CLASS"])
 def state_kernel(
     x1,
     x2,
@@ -87,6 +88,7 @@ def state_kernel(
     TT,
     T_SEQ,
     eps,
+    LENGTH_CLASS,
     H: tl.constexpr,
     DV: tl.constexpr,
     R1: tl.constexpr,
@@ -165,9 +167,9 @@ def state_kernel(
         (256, 64, 128, 8, 2),
         keys="BT BM BV",
     ),
-    key=["R1", "R2", "R3", "DV", "P", "NORMALIZE", "DOT"],
+    key=["R1", "R2", "R3", "DV", "P", "NORMALIZE", "DOT", "LENGTH_CLASS"],
 )
-@triton.jit(do_not_specialize=["TT", "T_SEQ"])
+@triton.jit(do_not_specialize=["TT", "T_SEQ", "LENGTH_CLASS"])
 def readout_kernel(
     x1,
     x2,
@@ -181,6 +183,7 @@ def readout_kernel(
     TT,
     T_SEQ,
     eps,
+    LENGTH_CLASS,
     H: tl.constexpr,
     DV: tl.constexpr,
     R1: tl.constexpr,
@@ -244,9 +247,9 @@ def readout_kernel(
 
 @triton.autotune(
     configs=autotune_configs((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), keys="BT BM"),
-    key=["R1", "R2", "R3", "DV", "P", "QUERY", "NORMALIZE", "DOT"],
+    key=["R1", "R2", "R3", "DV", "P", "QUERY", "NORMALIZE", "DOT", "LENGTH_CLASS"],
 )
-@triton.jit(do_not_specialize=["TT", "T_SEQ"])
+@triton.jit(do_not_specialize=["TT", "T_SEQ", "LENGTH_CLASS"])
 def token_bwd_kernel(
     x1,
     x2,
@@ -267,6 +270,7 @@ def token_bwd_kernel(
     TT,
     T_SEQ,
     eps,
+    LENGTH_CLASS,
     H: tl.constexpr,
     DV: tl.constexpr,
     R1: tl.constexpr,
@@ -414,8 +418,8 @@ def _build_state(x, v, S, z, seqs, w_mode, den=None, w=None, eps=0.0):
         state_kernel, grid,
         x1, x2, x3, v, den if den is not None else v, w if w is not None else v, S, z,
         seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
-        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(x), W_MODE=w_mode, SCALE=den is not None,
-        IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
+        LENGTH_CLASS=length_class(TT), H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(x), W_MODE=w_mode,
+        SCALE=den is not None, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
     )  # fmt: skip
 
 
@@ -433,8 +437,8 @@ def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, den=None,
         x1, x2, x3, g, o if o is not None else g, den if den is not None else g, w if w is not None else g,
         S, scale if scale is not None else z, z, d1, d2, d3, dv if dv is not None else g,
         seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
-        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(x), QUERY=query, NORMALIZE=normalize,
-        IS_VARLEN=seqs.IS_VARLEN, HAS_SCALE=scale is not None, DOT=DOT, PREC=PREC,
+        LENGTH_CLASS=length_class(TT), H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(x), QUERY=query,
+        NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN, HAS_SCALE=scale is not None, DOT=DOT, PREC=PREC,
     )  # fmt: skip
     return dx
 
@@ -473,8 +477,8 @@ def _parallel_fwd(
         readout_kernel, lambda meta: (triton.cdiv(TT, meta["BT"]), triton.cdiv(Dv, min(meta["BV"], Dv)), H),
         x1, x2, x3, _with_z(S, z, scale, v.dtype), scale if scale is not None else z, o, den,
         seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
-        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
-        HAS_SCALE=scale is not None, DOT=DOT, PREC=PREC,
+        LENGTH_CLASS=length_class(TT), H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), NORMALIZE=normalize,
+        IS_VARLEN=seqs.IS_VARLEN, HAS_SCALE=scale is not None, DOT=DOT, PREC=PREC,
     )  # fmt: skip
     return o, S, z, den
 

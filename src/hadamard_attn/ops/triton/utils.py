@@ -90,6 +90,13 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     chosen[key] = (kernel.configs, kernel.best_config)
 
 
+def length_class(tokens: int) -> int:
+    """The autotuning key's length class (``LENGTH_CLASS`` argument, unused by the kernel body): the bit length of
+    the token count, so that a config tuned at 4,096 tokens is not reused at 131,072 (H100, (32, 32), N = 32,760:
+    2.31 ms forward+backward with the configs tuned at 4,096, 2.19 ms with its own)."""
+    return max(tokens, 1).bit_length()
+
+
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every output the kernels write in full is allocated here (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)

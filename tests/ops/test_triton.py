@@ -81,12 +81,13 @@ def test_parallel_varlen_p3():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_parallel_half(dtype):
+@pytest.mark.parametrize("widths", [(4, 4), (2, 4, 2)])  # P = 3: dq from the fp32 state (a tf32 dot on the GPU)
+def test_parallel_half(dtype, widths):
     """16-bit inputs with a state far beyond fp16's range (fp16 reads it through a per-head power-of-two scale):
     the output and the gradients come back in the input dtype, the state in fp32."""
-    leaves = make(2, 11, 2, (4, 4), 16, 2, True)
-    xs = [x.detach().to(dtype) for x in leaves[:5]]
-    check_half(hla_triton, xs, [x.detach() * 1e6 for x in leaves[5:]], False, 1e6, 2e-2)
+    leaves, n = make(2, 11, 2, widths, 16, 2, True), 2 * len(widths) + 1
+    xs = [x.detach().to(dtype) for x in leaves[:n]]
+    check_half(hla_triton, xs, [x.detach() * 1e6 for x in leaves[n:]], False, 1e6, 2e-2)
 
 
 def test_api_backend_triton():

@@ -423,14 +423,16 @@ def _build_state(x, v, S, z, seqs, w_mode, den=None, w=None, eps=0.0):
     )  # fmt: skip
 
 
-def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, den=None, w=None, dv=None):
-    """Factor gradients ``dx_f`` of one side, in the factors' dtype; see ``token_bwd_kernel``."""
+def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, den=None, w=None, dv=None, prec=None):
+    """Factor gradients ``dx_f`` of one side, in the factors' dtype; see ``token_bwd_kernel``. ``prec``: the
+    ``tl.dot`` precision where ``S`` is fp32 (default: that of ``g``'s dtype)."""
     B, T, H, Dv = g.shape
     R1, R2, R3 = widths3(tuple(t.shape[-1] for t in x))
     dx = [empty(t.shape, t.dtype, t.device) for t in x]
     x1, x2, x3 = factors3(x)
     d1, d2, d3 = factors3(dx)
     DOT, PREC = dot_config(g.dtype)
+    PREC = prec or PREC
     TT = B * T
     launch(
         token_bwd_kernel, lambda meta: (triton.cdiv(TT, meta["BT"]), H),
@@ -512,8 +514,15 @@ def _parallel_bwd(
     do = _flat(do)
     # queries: dq, and w = d(loss)/d(den)
     w = empty((B * T, H, 16), dot_dtype(v.dtype), v.device)
-    scale = _range_scale(S, z, v.dtype)
-    dq = _token_bwd(q, do, _dot_state(S, scale, v.dtype), scale, z, seqs, True, normalize, eps, o=o, den=den, w=w)
+    if len(q) == 3 and v.dtype != torch.float32:
+        # P = 3 in 16 bits: dq through a tf32 dot on the fp32 state (its 16-bit copy gave dq errors up to 5e-2, H100,
+        # (16, 16, 16) bf16 at T = 16,384: rounding S and g to 8 bits, then a sum that cancels)
+        prec = "ieee" if interpreting() else "tf32"
+        dq = _token_bwd(q, do, S, None, z, seqs, True, normalize, eps, o=o, den=den, w=w, prec=prec)
+    else:
+        scale = _range_scale(S, z, v.dtype)
+        S_dot = _dot_state(S, scale, v.dtype)
+        dq = _token_bwd(q, do, S_dot, scale, z, seqs, True, normalize, eps, o=o, den=den, w=w)
     # gradient of the state: upstream + phi(Q)^T [g | w]
     dS_tot, dz_tot = dS.float().clone().contiguous(), dz.float().clone().contiguous()
     w_mode, scale = (2, den) if normalize else (0, None)

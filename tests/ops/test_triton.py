@@ -164,9 +164,11 @@ def test_torch_compile_fullgraph():
         assert rel(a, b) < 1e-5
 
 
-def test_custom_op_registered():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the forward also returns o's residual
+def test_custom_op_registered(dtype):
     leaves = make(1, 5, 1, (4, 4), 16, 1, True)
-    q, k, v, S0, z0 = leaves[:2], leaves[2:4], leaves[4], leaves[5], leaves[6]
+    q, k, v = [x.to(dtype) for x in leaves[:2]], [x.to(dtype) for x in leaves[2:4]], leaves[4].to(dtype)
+    S0, z0 = leaves[5:]
     torch.library.opcheck(
         torch.ops.hadamard_attn.parallel_fwd.default,
         ([x.detach() for x in q], [x.detach() for x in k], v.detach(), S0.detach(), z0.detach(), None, True, 1e-6),

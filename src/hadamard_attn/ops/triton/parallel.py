@@ -61,13 +61,16 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# autotuning candidates, each the winner of some key in the H100 sweeps of 2026-11-26 (benchmarks/RESULTS.md); the
+# first is what a check runs. (32, 32), N = 32,760: state build 0.295 ms at (64, 128, 128, 4 warps, 3 stages)
+# against 0.370 with 2 stages; factor gradients (queries) 0.436 ms at BM = 128 against 0.516 at 64.
 @triton.autotune(
     configs=autotune_configs(
+        (64, 128, 128, 4, 3),
         (64, 128, 128, 4, 2),
-        (64, 64, 128, 4, 3),
-        (64, 128, 64, 4, 3),
-        (64, 128, 128, 8, 2),
         (128, 128, 128, 8, 2),
+        (128, 64, 128, 4, 2),
+        (64, 64, 128, 4, 3),
         keys="BT BM BV",
     ),
     key=["R1", "R2", "R3", "DV", "P", "W_MODE", "SCALE", "DOT", "LENGTH_CLASS"],
@@ -163,8 +166,7 @@ def state_kernel(
     configs=autotune_configs(
         (128, 64, 128, 4, 3),
         (64, 64, 128, 4, 4),
-        (128, 128, 128, 8, 2),
-        (256, 64, 128, 8, 2),
+        (128, 32, 128, 4, 3),
         keys="BT BM BV",
     ),
     key=["R1", "R2", "R3", "DV", "P", "NORMALIZE", "DOT", "LENGTH_CLASS"],
@@ -177,6 +179,7 @@ def readout_kernel(
     Sz,
     scale,
     o,
+    res,
     den,
     cu_seqlens,
     seq_ids,
@@ -193,13 +196,16 @@ def readout_kernel(
     NORMALIZE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    RES: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
     BT: tl.constexpr,
     BM: tl.constexpr,
     BV: tl.constexpr,
 ):
-    """``o = phi(x) S / (phi(x) z + eps)`` for a block of tokens; stores ``den = phi(x) z`` too (fp32 ``[TT, H]``).
+    """``o = phi(x) S / (phi(x) z + eps)`` for a block of tokens; stores ``den = phi(x) z`` too (fp32 ``[TT, H]``)
+    and, with ``RES``, what rounding ``o`` to its dtype dropped (``res``, same dtype: ``o + res`` is the fp32
+    output to about 16 bits, for the backward's ``w``).
 
     ``Sz [N, H, M, DV + 16]`` in ``DOT``: ``S``, then ``z`` split in two columns (high and low part), then zeros;
     divided by ``scale [N, H]`` if ``HAS_SCALE``. Grid: (token blocks, Dv tiles, H).
@@ -242,11 +248,17 @@ def readout_kernel(
             b_den = tl.sum(dacc, 1)  # [BT]
             acc = acc / (b_den + eps)[:, None]
             tl.store(den + rows, b_den, mask=mask_t & (i_v == 0))
-        tl.store(o + rows[:, None] * DV + o_v[None, :], acc.to(o.dtype.element_ty), mask=mask_t[:, None])
+        b_o = acc.to(o.dtype.element_ty)
+        tl.store(o + rows[:, None] * DV + o_v[None, :], b_o, mask=mask_t[:, None])
+        if RES:
+            b_r = (acc - b_o.to(tl.float32)).to(res.dtype.element_ty)
+            tl.store(res + rows[:, None] * DV + o_v[None, :], b_r, mask=mask_t[:, None])
 
 
 @triton.autotune(
-    configs=autotune_configs((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), keys="BT BM"),
+    configs=autotune_configs(
+        (64, 128, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), keys="BT BM"
+    ),
     key=["R1", "R2", "R3", "DV", "P", "QUERY", "NORMALIZE", "DOT", "LENGTH_CLASS"],
 )
 @triton.jit(do_not_specialize=["TT", "T_SEQ", "LENGTH_CLASS"])
@@ -256,6 +268,7 @@ def token_bwd_kernel(
     x3,
     g,
     o,
+    res,
     den,
     w,
     S,
@@ -281,6 +294,7 @@ def token_bwd_kernel(
     NORMALIZE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    RES: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
     BT: tl.constexpr,
@@ -288,8 +302,11 @@ def token_bwd_kernel(
 ):
     """Gradient of the factors on one side, for a block of tokens: ``dphi(x) = G S^T + w z^T`` -> ``dx_f``.
 
-    Queries (``QUERY``): ``G = do / (den + eps)``, ``w = -sum(do * o) / (den + eps)`` (``do``, 0 without
-    ``NORMALIZE``); ``-sum(do * o)`` stored as ``[TT, H, 16]`` columns for the state gradient. Keys: ``G = v``,
+    Queries (``QUERY``): ``G = do / (den + eps)`` rounded to ``DOT`` (as the dot reads it), ``w = -sum(G * o)``
+    (``do``, 0 without ``NORMALIZE``), ``o`` plus its rounding residual ``res`` with ``RES``: ``w`` consistent with
+    the dot, whose sum with ``w z^T`` cancels (H100, (16, 16, 16) bf16, T = 16,384: ``dq`` 4.9e-2 with the rounded
+    ``o`` and ``g``; a float64 model of the two roundings gives 4.8e-2, of this form 3.5e-3); ``w (den + eps)``
+    stored as ``[TT, H, 16]`` columns for the state gradient. Keys: ``G = v``,
     ``w = 1``, and ``dv = phi(x) S`` is stored too. ``S`` (in ``DOT``, divided by ``scale``), ``z`` are the final
     state (queries) or its gradient (keys). A program owns its rows: ``dx_f`` (and ``dv``) are summed in registers
     and stored once, in the inputs' dtype. Grid: (token blocks, H).
@@ -311,16 +328,20 @@ def token_bwd_kernel(
         b_g = tl.load(g + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0).to(tl.float32)
         if QUERY:
             if NORMALIZE:
-                inv = 1.0 / (tl.load(den + rows, mask=mask_t, other=0) + eps)
-                b_o = tl.load(o + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0).to(tl.float32)
-                b_w = -tl.sum(b_g * b_o, 1)  # [BT], times inv below
-                # for the state gradient (which divides phi by den + eps): w as two DOT columns, high and low
-                w_hi = b_w.to(DOT).to(tl.float32)
+                den_e = tl.load(den + rows, mask=mask_t, other=0) + eps
+                b_g = (b_g * (1.0 / den_e)[:, None]).to(DOT).to(tl.float32)
+                p_o = rows[:, None] * DV + o_v[None, :]
+                b_o = tl.load(o + p_o, mask=mask_t[:, None], other=0).to(tl.float32)
+                if RES:
+                    b_o += tl.load(res + p_o, mask=mask_t[:, None], other=0).to(tl.float32)
+                b_w = -tl.sum(b_g * b_o, 1)  # [BT]
+                # for the state gradient (which divides phi by den + eps): w (den + eps) as two DOT columns, high
+                # and low
+                w_u = b_w * den_e
+                w_hi = w_u.to(DOT).to(tl.float32)
                 o_c = tl.arange(0, 16)
-                b_wm = tl.where(o_c[None, :] == 0, w_hi[:, None], tl.where(o_c[None, :] == 1, (b_w - w_hi)[:, None], 0))
+                b_wm = tl.where(o_c[None, :] == 0, w_hi[:, None], tl.where(o_c[None, :] == 1, (w_u - w_hi)[:, None], 0))
                 tl.store(w + rows[:, None] * 16 + o_c[None, :], b_wm.to(w.dtype.element_ty), mask=mask_t[:, None])
-                b_w = b_w * inv
-                b_g = b_g * inv[:, None]
             else:
                 b_w = tl.zeros([BT], dtype=tl.float32)
         else:
@@ -423,26 +444,31 @@ def _build_state(x, v, S, z, seqs, w_mode, den=None, w=None, eps=0.0):
     )  # fmt: skip
 
 
-def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, den=None, w=None, dv=None, prec=None):
-    """Factor gradients ``dx_f`` of one side, in the factors' dtype; see ``token_bwd_kernel``. ``prec``: the
-    ``tl.dot`` precision where ``S`` is fp32 (default: that of ``g``'s dtype)."""
+def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, res=None, den=None, w=None, dv=None):
+    """Factor gradients ``dx_f`` of one side, in the factors' dtype; see ``token_bwd_kernel``."""
     B, T, H, Dv = g.shape
     R1, R2, R3 = widths3(tuple(t.shape[-1] for t in x))
     dx = [empty(t.shape, t.dtype, t.device) for t in x]
     x1, x2, x3 = factors3(x)
     d1, d2, d3 = factors3(dx)
     DOT, PREC = dot_config(g.dtype)
-    PREC = prec or PREC
     TT = B * T
     launch(
         token_bwd_kernel, lambda meta: (triton.cdiv(TT, meta["BT"]), H),
-        x1, x2, x3, g, o if o is not None else g, den if den is not None else g, w if w is not None else g,
+        x1, x2, x3, g, o if o is not None else g, res if res is not None and res.numel() else g,
+        den if den is not None else g, w if w is not None else g,
         S, scale if scale is not None else z, z, d1, d2, d3, dv if dv is not None else g,
         seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
         LENGTH_CLASS=length_class(TT), H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(x), QUERY=query,
-        NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN, HAS_SCALE=scale is not None, DOT=DOT, PREC=PREC,
+        NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN, HAS_SCALE=scale is not None,
+        RES=res is not None and res.numel() > 0, DOT=DOT, PREC=PREC,
     )  # fmt: skip
     return dx
+
+
+def _with_residual(dtype: torch.dtype, normalize: bool) -> bool:
+    """Whether the forward keeps ``o``'s rounding residual for the backward (16-bit outputs, normalised)."""
+    return normalize and dtype != torch.float32
 
 
 def _parallel_fwd(
@@ -454,8 +480,9 @@ def _parallel_fwd(
     cu_seqlens: torch.Tensor | None,
     normalize: bool,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward: ``(o [B, T, H, Dv], S [N, H, M, Dv], z [N, H, M], den [B * T, H])``; ``den`` is for the backward."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward: ``(o [B, T, H, Dv], S [N, H, M, Dv], z [N, H, M], den [B * T, H], res)``; ``den`` and ``res``
+    (``o``'s rounding residual, like ``o``; empty for fp32 or without ``normalize``) are for the backward."""
     q = tuple(_flat(x) for x in q)
     k = tuple(_flat(x) for x in k)
     v = _flat(v)
@@ -470,6 +497,7 @@ def _parallel_fwd(
     _build_state(k, v, S, z, seqs, w_mode=1)
     o = empty(v.shape, v.dtype, v.device)
     den = empty((B * T, H), torch.float32, v.device)
+    res = empty(v.shape, v.dtype, v.device) if _with_residual(v.dtype, normalize) else v.new_empty(0)
     R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
     x1, x2, x3 = factors3(q)
     DOT, PREC = dot_config(v.dtype)
@@ -477,12 +505,13 @@ def _parallel_fwd(
     scale = _range_scale(S, z, v.dtype)
     launch(
         readout_kernel, lambda meta: (triton.cdiv(TT, meta["BT"]), triton.cdiv(Dv, min(meta["BV"], Dv)), H),
-        x1, x2, x3, _with_z(S, z, scale, v.dtype), scale if scale is not None else z, o, den,
+        x1, x2, x3, _with_z(S, z, scale, v.dtype), scale if scale is not None else z, o, res if res.numel() else o,
+        den,
         seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
         LENGTH_CLASS=length_class(TT), H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), NORMALIZE=normalize,
-        IS_VARLEN=seqs.IS_VARLEN, HAS_SCALE=scale is not None, DOT=DOT, PREC=PREC,
+        IS_VARLEN=seqs.IS_VARLEN, HAS_SCALE=scale is not None, RES=res.numel() > 0, DOT=DOT, PREC=PREC,
     )  # fmt: skip
-    return o, S, z, den
+    return o, S, z, den, res
 
 
 parallel_fwd = torch.library.custom_op("hadamard_attn::parallel_fwd", _parallel_fwd, mutates_args=())
@@ -490,7 +519,8 @@ parallel_fwd = torch.library.custom_op("hadamard_attn::parallel_fwd", _parallel_
 
 @parallel_fwd.register_fake
 def _(q, k, v, S0, z0, cu_seqlens, normalize, eps):
-    return fake_forward_outputs(q, v, cu_seqlens)
+    res = torch.empty_like(v) if _with_residual(v.dtype, normalize) else v.new_empty(0)
+    return (*fake_forward_outputs(q, v, cu_seqlens), res)
 
 
 def _parallel_bwd(
@@ -498,6 +528,7 @@ def _parallel_bwd(
     k: list[torch.Tensor],
     v: torch.Tensor,
     o: torch.Tensor,
+    res: torch.Tensor,
     den: torch.Tensor,
     S: torch.Tensor,
     z: torch.Tensor,
@@ -514,15 +545,9 @@ def _parallel_bwd(
     do = _flat(do)
     # queries: dq, and w = d(loss)/d(den)
     w = empty((B * T, H, 16), dot_dtype(v.dtype), v.device)
-    if len(q) == 3 and v.dtype != torch.float32:
-        # P = 3 in 16 bits: dq through a tf32 dot on the fp32 state (its 16-bit copy gave dq errors up to 5e-2, H100,
-        # (16, 16, 16) bf16 at T = 16,384: rounding S and g to 8 bits, then a sum that cancels)
-        prec = "ieee" if interpreting() else "tf32"
-        dq = _token_bwd(q, do, S, None, z, seqs, True, normalize, eps, o=o, den=den, w=w, prec=prec)
-    else:
-        scale = _range_scale(S, z, v.dtype)
-        S_dot = _dot_state(S, scale, v.dtype)
-        dq = _token_bwd(q, do, S_dot, scale, z, seqs, True, normalize, eps, o=o, den=den, w=w)
+    scale = _range_scale(S, z, v.dtype)
+    S_dot = _dot_state(S, scale, v.dtype)
+    dq = _token_bwd(q, do, S_dot, scale, z, seqs, True, normalize, eps, o=o, res=res, den=den, w=w)
     # gradient of the state: upstream + phi(Q)^T [g | w]
     dS_tot, dz_tot = dS.float().clone().contiguous(), dz.float().clone().contiguous()
     w_mode, scale = (2, den) if normalize else (0, None)
@@ -539,7 +564,7 @@ parallel_bwd = torch.library.custom_op("hadamard_attn::parallel_bwd", _parallel_
 
 
 @parallel_bwd.register_fake
-def _(q, k, v, o, den, S, z, do, dS, dz, cu_seqlens, normalize, eps):
+def _(q, k, v, o, res, den, S, z, do, dS, dz, cu_seqlens, normalize, eps):
     return (
         [torch.empty_like(x) for x in q],
         [torch.empty_like(x) for x in k],
@@ -556,19 +581,19 @@ class ParallelHLA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, P, normalize, eps, cu_seqlens, v, S0, z0, *factors):
         q, k = list(factors[:P]), list(factors[P:])
-        o, S, z, den = traced(parallel_fwd, _parallel_fwd)(q, k, v, S0, z0, cu_seqlens, normalize, eps)
-        ctx.save_for_backward(v, o, den, S, z, cu_seqlens, *factors)
+        o, S, z, den, res = traced(parallel_fwd, _parallel_fwd)(q, k, v, S0, z0, cu_seqlens, normalize, eps)
+        ctx.save_for_backward(v, o, res, den, S, z, cu_seqlens, *factors)
         ctx.cfg = (P, normalize, eps, S0 is not None)
         return o, S, z
 
     @staticmethod
     def backward(ctx, do, dS, dz):
         P, normalize, eps, has_init = ctx.cfg
-        v, o, den, S, z, cu_seqlens, *factors = ctx.saved_tensors
+        v, o, res, den, S, z, cu_seqlens, *factors = ctx.saved_tensors
         dS = torch.zeros_like(S) if dS is None else dS
         dz = torch.zeros_like(z) if dz is None else dz
         dq, dk, dv, dS0, dz0 = traced(parallel_bwd, _parallel_bwd)(
-            factors[:P], factors[P:], v, o, den, S, z, do, dS, dz, cu_seqlens, normalize, eps
+            factors[:P], factors[P:], v, o, res, den, S, z, do, dS, dz, cu_seqlens, normalize, eps
         )
         if not has_init:
             dS0 = dz0 = None

@@ -167,13 +167,14 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the forward also returns o's residual
 def test_custom_op_registered(dtype):
     leaves = make(1, 5, 1, (4, 4), 16, 1, True)
-    q, k, v = [x.to(dtype) for x in leaves[:2]], [x.to(dtype) for x in leaves[2:4]], leaves[4].to(dtype)
-    S0, z0 = leaves[5:]
-    torch.library.opcheck(
-        torch.ops.hadamard_attn.parallel_fwd.default,
-        ([x.detach() for x in q], [x.detach() for x in k], v.detach(), S0.detach(), z0.detach(), None, True, 1e-6),
-        test_utils=("test_schema", "test_faketensor"),
-    )
+    q, k, v, S0, z0 = [x.detach() for x in leaves[:2]], [x.detach() for x in leaves[2:4]], *leaves[4:]
+    q, k, v = [x.to(dtype) for x in q], [x.to(dtype) for x in k], v.detach().to(dtype)
+    for backward in (False, True):
+        torch.library.opcheck(
+            torch.ops.hadamard_attn.parallel_fwd.default,
+            (q, k, v, S0.detach(), z0.detach(), None, True, 1e-6, backward),
+            test_utils=("test_schema", "test_faketensor"),
+        )
 
 
 def test_unsupported_reason_int32(monkeypatch):

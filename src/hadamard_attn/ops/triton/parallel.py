@@ -62,7 +62,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 # autotuning candidates, each the winner of some key in the H100 sweeps of 2026-11-26 (benchmarks/RESULTS.md); the
-# first is what a check runs. (32, 32), N = 32,760: state build 0.295 ms at (64, 128, 128, 4 warps, 3 stages)
+# first is what a check runs (valid up to Dv = 256; BM = 128 of the factor gradients needs too much shared memory
+# there). (32, 32), N = 32,760: state build 0.295 ms at (64, 128, 128, 4 warps, 3 stages)
 # against 0.370 with 2 stages; factor gradients (queries) 0.436 ms at BM = 128 against 0.516 at 64.
 @triton.autotune(
     configs=autotune_configs(
@@ -257,7 +258,7 @@ def readout_kernel(
 
 @triton.autotune(
     configs=autotune_configs(
-        (64, 128, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), keys="BT BM"
+        (64, 64, 4, 2), (64, 128, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), keys="BT BM"
     ),
     key=["R1", "R2", "R3", "DV", "P", "QUERY", "NORMALIZE", "DOT", "LENGTH_CLASS"],
 )
@@ -466,9 +467,10 @@ def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, res=None,
     return dx
 
 
-def _with_residual(dtype: torch.dtype, normalize: bool) -> bool:
-    """Whether the forward keeps ``o``'s rounding residual for the backward (16-bit outputs, normalised)."""
-    return normalize and dtype != torch.float32
+def _with_residual(dtype: torch.dtype, normalize: bool, backward: bool) -> bool:
+    """Whether the forward keeps ``o``'s rounding residual: for a ``backward`` (some input needs a gradient) of a
+    normalised 16-bit output (H100, (32, 32), N = 32,760: the store costs about 0.07 ms of the forward)."""
+    return backward and normalize and dtype != torch.float32
 
 
 def _parallel_fwd(
@@ -480,9 +482,10 @@ def _parallel_fwd(
     cu_seqlens: torch.Tensor | None,
     normalize: bool,
     eps: float,
+    backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward: ``(o [B, T, H, Dv], S [N, H, M, Dv], z [N, H, M], den [B * T, H], res)``; ``den`` and ``res``
-    (``o``'s rounding residual, like ``o``; empty for fp32 or without ``normalize``) are for the backward."""
+    (``o``'s rounding residual, like ``o``; empty unless ``_with_residual``) are for the backward."""
     q = tuple(_flat(x) for x in q)
     k = tuple(_flat(x) for x in k)
     v = _flat(v)
@@ -497,7 +500,7 @@ def _parallel_fwd(
     _build_state(k, v, S, z, seqs, w_mode=1)
     o = empty(v.shape, v.dtype, v.device)
     den = empty((B * T, H), torch.float32, v.device)
-    res = empty(v.shape, v.dtype, v.device) if _with_residual(v.dtype, normalize) else v.new_empty(0)
+    res = empty(v.shape, v.dtype, v.device) if _with_residual(v.dtype, normalize, backward) else v.new_empty(0)
     R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
     x1, x2, x3 = factors3(q)
     DOT, PREC = dot_config(v.dtype)
@@ -518,8 +521,8 @@ parallel_fwd = torch.library.custom_op("hadamard_attn::parallel_fwd", _parallel_
 
 
 @parallel_fwd.register_fake
-def _(q, k, v, S0, z0, cu_seqlens, normalize, eps):
-    res = torch.empty_like(v) if _with_residual(v.dtype, normalize) else v.new_empty(0)
+def _(q, k, v, S0, z0, cu_seqlens, normalize, eps, backward):
+    res = torch.empty_like(v) if _with_residual(v.dtype, normalize, backward) else v.new_empty(0)
     return (*fake_forward_outputs(q, v, cu_seqlens), res)
 
 
@@ -581,7 +584,8 @@ class ParallelHLA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, P, normalize, eps, cu_seqlens, v, S0, z0, *factors):
         q, k = list(factors[:P]), list(factors[P:])
-        o, S, z, den, res = traced(parallel_fwd, _parallel_fwd)(q, k, v, S0, z0, cu_seqlens, normalize, eps)
+        backward = any(ctx.needs_input_grad)
+        o, S, z, den, res = traced(parallel_fwd, _parallel_fwd)(q, k, v, S0, z0, cu_seqlens, normalize, eps, backward)
         ctx.save_for_backward(v, o, res, den, S, z, cu_seqlens, *factors)
         ctx.cfg = (P, normalize, eps, S0 is not None)
         return o, S, z

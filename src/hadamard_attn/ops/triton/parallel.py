@@ -6,7 +6,8 @@ registers, never in memory):
     S = S_0 + phi(K)^T V   [M, Dv]      z = z_0 + phi(K)^T 1   [M]        (``state_kernel``)
     o = phi(Q) S / (phi(Q) z + eps)                                        (``readout_kernel``)
 
-Backward, with ``g = do / (den + eps)`` and ``w = -sum(do * o) / (den + eps)`` per token:
+Backward, with ``g = do / (den + eps)`` rounded to the dot dtype (stored once, as every dot reads it) and
+``w = -sum(g * o)`` per token (``o`` unrounded: the forward keeps its rounding residual for the backward):
 
     dphi(Q) = g S^T + w z^T   -> dq_f                                      (``token_bwd_kernel``, queries)
     dS = dS_final + phi(Q)^T g,   dz = dz_final + phi(Q)^T w               (``state_kernel``)
@@ -74,7 +75,7 @@ def _num_sms(device: torch.device) -> int:
         (64, 64, 128, 4, 3),
         keys="BT BM BV",
     ),
-    key=["R1", "R2", "R3", "DV", "P", "W_MODE", "SCALE", "DOT", "LENGTH_CLASS"],
+    key=["R1", "R2", "R3", "DV", "P", "W_MODE", "DOT", "LENGTH_CLASS"],
     restore_value=["S", "z"],
 )
 @triton.jit(do_not_specialize=["TT", "T_SEQ", "LENGTH_CLASS"])
@@ -83,7 +84,6 @@ def state_kernel(
     x2,
     x3,
     v,
-    den,
     w,
     S,
     z,
@@ -91,7 +91,6 @@ def state_kernel(
     seq_ids,
     TT,
     T_SEQ,
-    eps,
     LENGTH_CLASS,
     H: tl.constexpr,
     DV: tl.constexpr,
@@ -100,7 +99,6 @@ def state_kernel(
     R3: tl.constexpr,
     P: tl.constexpr,
     W_MODE: tl.constexpr,
-    SCALE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
@@ -111,8 +109,7 @@ def state_kernel(
     """``S[n, h] += phi(x)^T v``, ``z[n, h] += phi(x)^T w`` over one split of the flat tokens (fp32 atomics).
 
     ``W_MODE``: 0 no z, 1 ``w = 1``, 2 ``w`` loaded as ``[TT, H, 16]`` columns (``DOT``; summed), z through the
-    tensor cores either way. ``SCALE``: ``phi`` is divided per token by ``den + eps`` (the backward's
-    ``g = do / (den + eps)``, ``w = -sum(do * o) / (den + eps)``).
+    tensor cores either way.
     Grid: (M tiles * Dv tiles, splits, H).
     """
     B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
@@ -142,8 +139,6 @@ def state_kernel(
                 rows = o_t * H + i_h
                 # [BMA, BT]
                 phi_t = kr_tile_t(x1, x2, x3, rows, mask_t, i_m, BT, R1, R2, R3, B1, B2, B3, P)
-                if SCALE:
-                    phi_t = phi_t * (1.0 / (tl.load(den + rows, mask=mask_t, other=0) + eps))[None, :]
                 phi_t = phi_t.to(DOT)
                 # [BT, BD]
                 b_v = tl.load(v + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0)
@@ -168,6 +163,7 @@ def state_kernel(
         (128, 64, 128, 4, 3),
         (64, 64, 128, 4, 4),
         (128, 32, 128, 4, 3),
+        (128, 64, 128, 8, 3),
         keys="BT BM BV",
     ),
     key=["R1", "R2", "R3", "DV", "P", "NORMALIZE", "DOT", "LENGTH_CLASS"],
@@ -272,6 +268,7 @@ def token_bwd_kernel(
     res,
     den,
     w,
+    gq,
     S,
     scale,
     z,
@@ -306,8 +303,8 @@ def token_bwd_kernel(
     Queries (``QUERY``): ``G = do / (den + eps)`` rounded to ``DOT`` (as the dot reads it), ``w = -sum(G * o)``
     (``do``, 0 without ``NORMALIZE``), ``o`` plus its rounding residual ``res`` with ``RES``: ``w`` consistent with
     the dot, whose sum with ``w z^T`` cancels (H100, (16, 16, 16) bf16, T = 16,384: ``dq`` 4.9e-2 with the rounded
-    ``o`` and ``g``; a float64 model of the two roundings gives 4.8e-2, of this form 3.5e-3); ``w (den + eps)``
-    stored as ``[TT, H, 16]`` columns for the state gradient. Keys: ``G = v``,
+    ``o`` and ``g``; a float64 model of the two roundings gives 4.8e-2, of this form 3.5e-3); for the state
+    gradient, ``G`` is stored to ``gq`` and ``w`` as ``[TT, H, 16]`` columns. Keys: ``G = v``,
     ``w = 1``, and ``dv = phi(x) S`` is stored too. ``S`` (in ``DOT``, divided by ``scale``), ``z`` are the final
     state (queries) or its gradient (keys). A program owns its rows: ``dx_f`` (and ``dv``) are summed in registers
     and stored once, in the inputs' dtype. Grid: (token blocks, H).
@@ -336,12 +333,11 @@ def token_bwd_kernel(
                 if RES:
                     b_o += tl.load(res + p_o, mask=mask_t[:, None], other=0).to(tl.float32)
                 b_w = -tl.sum(b_g * b_o, 1)  # [BT]
-                # for the state gradient (which divides phi by den + eps): w (den + eps) as two DOT columns, high
-                # and low
-                w_u = b_w * den_e
-                w_hi = w_u.to(DOT).to(tl.float32)
+                # for the state gradient: G, and w as two DOT columns (high and low part)
+                tl.store(gq + p_o, b_g.to(gq.dtype.element_ty), mask=mask_t[:, None])
+                w_hi = b_w.to(DOT).to(tl.float32)
                 o_c = tl.arange(0, 16)
-                b_wm = tl.where(o_c[None, :] == 0, w_hi[:, None], tl.where(o_c[None, :] == 1, (w_u - w_hi)[:, None], 0))
+                b_wm = tl.where(o_c[None, :] == 0, w_hi[:, None], tl.where(o_c[None, :] == 1, (b_w - w_hi)[:, None], 0))
                 tl.store(w + rows[:, None] * 16 + o_c[None, :], b_wm.to(w.dtype.element_ty), mask=mask_t[:, None])
             else:
                 b_w = tl.zeros([BT], dtype=tl.float32)
@@ -421,7 +417,7 @@ def _with_z(S: torch.Tensor, z: torch.Tensor, scale: torch.Tensor | None, dtype:
     return Sz
 
 
-def _build_state(x, v, S, z, seqs, w_mode, den=None, w=None, eps=0.0):
+def _build_state(x, v, S, z, seqs, w_mode, w=None):
     """``S += phi(x)^T v``, ``z += phi(x)^T w`` in place (see ``state_kernel``)."""
     B, T, H, Dv = v.shape
     R1, R2, R3 = widths3(tuple(t.shape[-1] for t in x))
@@ -438,14 +434,13 @@ def _build_state(x, v, S, z, seqs, w_mode, den=None, w=None, eps=0.0):
 
     launch(
         state_kernel, grid,
-        x1, x2, x3, v, den if den is not None else v, w if w is not None else v, S, z,
-        seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
+        x1, x2, x3, v, w if w is not None else v, S, z, seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ,
         LENGTH_CLASS=length_class(TT), H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(x), W_MODE=w_mode,
-        SCALE=den is not None, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
+        IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
     )  # fmt: skip
 
 
-def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, res=None, den=None, w=None, dv=None):
+def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, res=None, den=None, w=None, gq=None, dv=None):
     """Factor gradients ``dx_f`` of one side, in the factors' dtype; see ``token_bwd_kernel``."""
     B, T, H, Dv = g.shape
     R1, R2, R3 = widths3(tuple(t.shape[-1] for t in x))
@@ -457,7 +452,7 @@ def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, res=None,
     launch(
         token_bwd_kernel, lambda meta: (triton.cdiv(TT, meta["BT"]), H),
         x1, x2, x3, g, o if o is not None else g, res if res is not None and res.numel() else g,
-        den if den is not None else g, w if w is not None else g,
+        den if den is not None else g, w if w is not None else g, gq if gq is not None else g,
         S, scale if scale is not None else z, z, d1, d2, d3, dv if dv is not None else g,
         seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
         LENGTH_CLASS=length_class(TT), H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(x), QUERY=query,
@@ -550,11 +545,11 @@ def _parallel_bwd(
     w = empty((B * T, H, 16), dot_dtype(v.dtype), v.device)
     scale = _range_scale(S, z, v.dtype)
     S_dot = _dot_state(S, scale, v.dtype)
-    dq = _token_bwd(q, do, S_dot, scale, z, seqs, True, normalize, eps, o=o, res=res, den=den, w=w)
+    gq = empty(v.shape, dot_dtype(v.dtype), v.device) if normalize else do  # do / (den + eps) as the dots read it
+    dq = _token_bwd(q, do, S_dot, scale, z, seqs, True, normalize, eps, o=o, res=res, den=den, w=w, gq=gq)
     # gradient of the state: upstream + phi(Q)^T [g | w]
     dS_tot, dz_tot = dS.float().clone().contiguous(), dz.float().clone().contiguous()
-    w_mode, scale = (2, den) if normalize else (0, None)
-    _build_state(q, do, dS_tot, dz_tot, seqs, w_mode=w_mode, den=scale, w=w, eps=eps)
+    _build_state(q, gq, dS_tot, dz_tot, seqs, w_mode=2 if normalize else 0, w=w)
     # keys: dk and dv
     dv = empty(v.shape, v.dtype, v.device)
     scale = _range_scale(dS_tot, dz_tot, v.dtype)

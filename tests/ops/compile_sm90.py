@@ -62,9 +62,9 @@ def main(warps: int) -> None:
     q = [torch.rand(B, T, H, r, dtype=torch.bfloat16) for r in widths]
     k = [torch.rand(B, T, H, r, dtype=torch.bfloat16) for r in widths]
     v = torch.randn(B, T, H, Dv, dtype=torch.bfloat16)
-    o, S, z, den = chunk.chunk_fwd(q, k, v, None, None, None, True, 1e-6, 64)
+    o, S, z, den, res = chunk.chunk_fwd(q, k, v, None, None, None, True, 1e-6, 64, True)
     do, dS, dz = torch.randn_like(v), torch.zeros_like(S), torch.zeros_like(z)
-    chunk.chunk_bwd(q, k, v, o, den, None, None, None, do, dS, dz, True, 1e-6, 64)
+    chunk.chunk_bwd(q, k, v, o, res, den, None, None, None, do, dS, dz, True, 1e-6, 64)
     print(json.dumps(counts))
 
 

@@ -109,15 +109,18 @@ def test_api_backend_triton_causal(hla):
     assert rel(o, o_ref) < 1e-5
 
 
-def test_chunk_custom_ops(hla):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the forward also returns o's residual
+def test_chunk_custom_ops(hla, dtype):
     leaves = [x.detach() for x in make(1, 5, 1, (4, 4), 16, 1, True)]
-    q, k, v, S0, z0 = leaves[:2], leaves[2:4], leaves[4], leaves[5], leaves[6]
+    q, k, v, S0, z0 = [x.to(dtype) for x in leaves[:2]], [x.to(dtype) for x in leaves[2:4]], *leaves[4:]
+    v = v.to(dtype)
     utils = ("test_schema", "test_faketensor")
-    torch.library.opcheck(
-        torch.ops.hadamard_attn.chunk_fwd.default, (q, k, v, S0, z0, None, True, 1e-6, 16), test_utils=utils
-    )
-    o, S, z, den = torch.ops.hadamard_attn.chunk_fwd(q, k, v, S0, z0, None, True, 1e-6, 16)
-    args = (q, k, v, o, den, S0, z0, None, torch.ones_like(o), torch.ones_like(S), torch.ones_like(z), True, 1e-6, 16)
+    for backward in (False, True):
+        fwd_args = (q, k, v, S0, z0, None, True, 1e-6, 16, backward)
+        torch.library.opcheck(torch.ops.hadamard_attn.chunk_fwd.default, fwd_args, test_utils=utils)
+    o, S, z, den, res = torch.ops.hadamard_attn.chunk_fwd(q, k, v, S0, z0, None, True, 1e-6, 16, True)
+    grads = torch.ones_like(o), torch.ones_like(S), torch.ones_like(z)
+    args = (q, k, v, o, res, den, S0, z0, None, *grads, True, 1e-6, 16)
     torch.library.opcheck(torch.ops.hadamard_attn.chunk_bwd.default, args, test_utils=utils)
 
 

@@ -65,6 +65,7 @@ from .utils import (
     factors3,
     fake_forward_outputs,
     interpreting,
+    keeps_residual,
     kr_block,
     kr_state_grads,
     kr_tile,
@@ -76,6 +77,7 @@ from .utils import (
     seq_bounds,
     sequences,
     store_factor_grad,
+    store_output,
     tile_count,
     traced,
     widths3,
@@ -372,6 +374,7 @@ def chunk_output_kernel(
     hs,
     hz,
     o,
+    res,
     dens,
     cu_seqlens,
     chunk_seq,
@@ -387,6 +390,7 @@ def chunk_output_kernel(
     C: tl.constexpr,
     NORMALIZE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    RES: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
     BM: tl.constexpr,
@@ -447,7 +451,7 @@ def chunk_output_kernel(
     if NORMALIZE:
         acc = acc / (den + eps)[:, None]
         tl.store(dens + rows, den, mask=mask_t & (i_v == 0))
-    tl.store(o + rows[:, None] * DV + o_v[None, :], acc.to(o.dtype.element_ty), mask=mask_t[:, None])
+    store_output(o, res, rows[:, None] * DV + o_v[None, :], acc, mask_t[:, None], RES)
 
 
 @triton.jit
@@ -626,17 +630,25 @@ def chunk_bwd_kernel(
 
 
 @triton.jit
-def bwd_prep_kernel(do, o, den, g, w, eps, R, DV: tl.constexpr, NORMALIZE: tl.constexpr, BR: tl.constexpr):
-    """The backward's per-(token, head) inputs, rows ``r < R = TT * H``: ``g = do / (den + eps)`` (fp32 ``[R, DV]``)
-    and ``w = -sum(do * o) / (den + eps)`` (``[R]``); ``do`` and 0 without ``NORMALIZE``. Grid: (row blocks,)."""
+def bwd_prep_kernel(
+    do, o, res, den, g, w, eps, R,
+    DV: tl.constexpr, NORMALIZE: tl.constexpr, RES: tl.constexpr, ROUND: tl.constexpr, BR: tl.constexpr,
+):  # fmt: skip
+    """The backward's per-(token, head) inputs, rows ``r < R = TT * H``: ``g = do / (den + eps)`` (fp32 ``[R, DV]``,
+    rounded to bf16 with ``ROUND``: as every dot reads it) and ``w = -sum(g * o)`` (``[R]``; ``o`` plus its rounding
+    residual with ``RES``, see ``store_output``); ``do`` and 0 without ``NORMALIZE``. Grid: (row blocks,)."""
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
     mask = o_r < R
     p = o_r[:, None] * DV + tl.arange(0, DV)[None, :]
     b_g = tl.load(do + p, mask=mask[:, None], other=0).to(tl.float32)  # [BR, DV]
     if NORMALIZE:
-        inv = 1.0 / (tl.load(den + o_r, mask=mask, other=0) + eps)
-        b_w = -tl.sum(b_g * tl.load(o + p, mask=mask[:, None], other=0).to(tl.float32), 1) * inv
-        b_g = b_g * inv[:, None]
+        b_g = b_g * (1.0 / (tl.load(den + o_r, mask=mask, other=0) + eps))[:, None]
+        if ROUND:
+            b_g = b_g.to(tl.bfloat16).to(tl.float32)
+        b_o = tl.load(o + p, mask=mask[:, None], other=0).to(tl.float32)
+        if RES:
+            b_o += tl.load(res + p, mask=mask[:, None], other=0).to(tl.float32)
+        b_w = -tl.sum(b_g * b_o, 1)
     else:
         b_w = tl.zeros([BR], dtype=tl.float32)
     tl.store(g + p, b_g, mask=mask[:, None])
@@ -686,9 +698,11 @@ def _chunk_fwd(
     normalize: bool,
     eps: float,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Causal forward: ``(o [B, T, H, Dv], S [N, H, M, Dv], z [N, H, M], den [B * T, H])``, the state in fp32;
-    ``den`` (with ``normalize``) is for the backward."""
+    backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal forward: ``(o [B, T, H, Dv], S [N, H, M, Dv], z [N, H, M], den [B * T, H], res)``, the state in
+    fp32; ``den`` (with ``normalize``) and ``res`` (``o``'s rounding residual, empty unless ``keeps_residual``) are
+    for the backward."""
     q = tuple(x.contiguous() for x in q)
     k = tuple(x.contiguous() for x in k)
     v = v.contiguous()
@@ -716,13 +730,15 @@ def _chunk_fwd(
     )  # fmt: skip
     o = empty(v.shape, v.dtype, v.device)
     den = empty((B * T, H), torch.float32, v.device)
+    res = empty(v.shape, v.dtype, v.device) if keeps_residual(v.dtype, normalize, backward) else v.new_empty(0)
     launch(
         chunk_output_kernel, lambda meta: (NT, triton.cdiv(Dv, min(meta["BV"], Dv)), H),
-        *factors3(q), *factors3(k), v, hs, hz, o, den, seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps,
+        *factors3(q), *factors3(k), v, hs, hz, o, res if res.numel() else o, den,
+        seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps,
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
-        DOT=DOT, PREC=PREC,
+        RES=res.numel() > 0, DOT=DOT, PREC=PREC,
     )  # fmt: skip
-    return o, S, z, den
+    return o, S, z, den, res
 
 
 # the autotuned kernels (tests and benchmarks pin their configs)
@@ -732,8 +748,9 @@ chunk_fwd = torch.library.custom_op("hadamard_attn::chunk_fwd", _chunk_fwd, muta
 
 
 @chunk_fwd.register_fake
-def _(q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size):
-    return fake_forward_outputs(q, v, cu_seqlens)
+def _(q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size, backward):
+    res = torch.empty_like(v) if keeps_residual(v.dtype, normalize, backward) else v.new_empty(0)
+    return (*fake_forward_outputs(q, v, cu_seqlens), res)
 
 
 def _chunk_bwd(
@@ -741,6 +758,7 @@ def _chunk_bwd(
     k: list[torch.Tensor],
     v: torch.Tensor,
     o: torch.Tensor,
+    res: torch.Tensor,
     den: torch.Tensor,
     S0: torch.Tensor | None,
     z0: torch.Tensor | None,
@@ -773,8 +791,9 @@ def _chunk_bwd(
     w = empty((B, T, H), torch.float32, v.device)
     BR = 16
     bwd_prep_kernel[(triton.cdiv(B * T * H, BR),)](
-        do.contiguous(), o.contiguous(), den, g, w, eps, B * T * H, DV=Dv, NORMALIZE=normalize, BR=BR
-    )
+        do.contiguous(), o.contiguous(), res if res.numel() else o, den, g, w, eps, B * T * H,
+        DV=Dv, NORMALIZE=normalize, RES=res.numel() > 0, ROUND=dot_dtype(v.dtype) == torch.bfloat16, BR=BR,
+    )  # fmt: skip
     widths = tuple(x.shape[-1] for x in q)
     R1, R2, R3 = widths3(widths)
     M = math.prod(widths)
@@ -814,7 +833,7 @@ chunk_bwd = torch.library.custom_op("hadamard_attn::chunk_bwd", _chunk_bwd, muta
 
 
 @chunk_bwd.register_fake
-def _(q, k, v, o, den, S0, z0, cu_seqlens, do, dS, dz, normalize, eps, chunk_size):
+def _(q, k, v, o, res, den, S0, z0, cu_seqlens, do, dS, dz, normalize, eps, chunk_size):
     f32 = dict(dtype=torch.float32)
     return (
         [torch.empty_like(x) for x in q],
@@ -832,8 +851,11 @@ class ChunkHLATriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, P, normalize, eps, chunk_size, cu_seqlens, v, S0, z0, *factors):
         q, k = list(factors[:P]), list(factors[P:])
-        o, S, z, den = traced(chunk_fwd, _chunk_fwd)(q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size)
-        ctx.save_for_backward(v, o, den, S0, z0, cu_seqlens, *factors)
+        backward = any(ctx.needs_input_grad)
+        o, S, z, den, res = traced(chunk_fwd, _chunk_fwd)(
+            q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size, backward
+        )
+        ctx.save_for_backward(v, o, res, den, S0, z0, cu_seqlens, *factors)
         ctx.cfg = (P, normalize, eps, chunk_size)
         ctx.set_materialize_grads(False)  # an unused final state costs no zeros
         return o, S, z
@@ -841,13 +863,13 @@ class ChunkHLATriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dS, dz):
         P, normalize, eps, C = ctx.cfg
-        v, o, den, S0, z0, cu_seqlens, *factors = ctx.saved_tensors
+        v, o, res, den, S0, z0, cu_seqlens, *factors = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
         if (dS is None) != (dz is None):  # one of S and z used: the other's gradient is 0
             dS = torch.zeros(*dz.shape, v.shape[-1], device=dz.device) if dS is None else dS
             dz = torch.zeros(dS.shape[:-1], device=dS.device) if dz is None else dz
         dq, dk, dv, dS0, dz0 = traced(chunk_bwd, _chunk_bwd)(
-            factors[:P], factors[P:], v, o, den, S0, z0, cu_seqlens, do, dS, dz, normalize, eps, C
+            factors[:P], factors[P:], v, o, res, den, S0, z0, cu_seqlens, do, dS, dz, normalize, eps, C
         )
         if S0 is None:
             dS0 = dz0 = None

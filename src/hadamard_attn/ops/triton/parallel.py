@@ -36,6 +36,7 @@ from .utils import (
     factors3,
     fake_forward_outputs,
     interpreting,
+    keeps_residual,
     kr_block,
     kr_state_grads,
     kr_tile,
@@ -47,6 +48,7 @@ from .utils import (
     seq_of,
     sequences,
     store_factor_grad,
+    store_output,
     tile_count,
     traced,
     widths3,
@@ -245,11 +247,7 @@ def readout_kernel(
             b_den = tl.sum(dacc, 1)  # [BT]
             acc = acc / (b_den + eps)[:, None]
             tl.store(den + rows, b_den, mask=mask_t & (i_v == 0))
-        b_o = acc.to(o.dtype.element_ty)
-        tl.store(o + rows[:, None] * DV + o_v[None, :], b_o, mask=mask_t[:, None])
-        if RES:
-            b_r = (acc - b_o.to(tl.float32)).to(res.dtype.element_ty)
-            tl.store(res + rows[:, None] * DV + o_v[None, :], b_r, mask=mask_t[:, None])
+        store_output(o, res, rows[:, None] * DV + o_v[None, :], acc, mask_t[:, None], RES)
 
 
 @triton.autotune(
@@ -462,12 +460,6 @@ def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, res=None,
     return dx
 
 
-def _with_residual(dtype: torch.dtype, normalize: bool, backward: bool) -> bool:
-    """Whether the forward keeps ``o``'s rounding residual: for a ``backward`` (some input needs a gradient) of a
-    normalised 16-bit output (H100, (32, 32), N = 32,760: the store costs about 0.07 ms of the forward)."""
-    return backward and normalize and dtype != torch.float32
-
-
 def _parallel_fwd(
     q: list[torch.Tensor],
     k: list[torch.Tensor],
@@ -480,7 +472,7 @@ def _parallel_fwd(
     backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward: ``(o [B, T, H, Dv], S [N, H, M, Dv], z [N, H, M], den [B * T, H], res)``; ``den`` and ``res``
-    (``o``'s rounding residual, like ``o``; empty unless ``_with_residual``) are for the backward."""
+    (``o``'s rounding residual, like ``o``; empty unless ``keeps_residual``) are for the backward."""
     q = tuple(_flat(x) for x in q)
     k = tuple(_flat(x) for x in k)
     v = _flat(v)
@@ -495,7 +487,7 @@ def _parallel_fwd(
     _build_state(k, v, S, z, seqs, w_mode=1)
     o = empty(v.shape, v.dtype, v.device)
     den = empty((B * T, H), torch.float32, v.device)
-    res = empty(v.shape, v.dtype, v.device) if _with_residual(v.dtype, normalize, backward) else v.new_empty(0)
+    res = empty(v.shape, v.dtype, v.device) if keeps_residual(v.dtype, normalize, backward) else v.new_empty(0)
     R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
     x1, x2, x3 = factors3(q)
     DOT, PREC = dot_config(v.dtype)
@@ -517,7 +509,7 @@ parallel_fwd = torch.library.custom_op("hadamard_attn::parallel_fwd", _parallel_
 
 @parallel_fwd.register_fake
 def _(q, k, v, S0, z0, cu_seqlens, normalize, eps, backward):
-    res = torch.empty_like(v) if _with_residual(v.dtype, normalize, backward) else v.new_empty(0)
+    res = torch.empty_like(v) if keeps_residual(v.dtype, normalize, backward) else v.new_empty(0)
     return (*fake_forward_outputs(q, v, cu_seqlens), res)
 
 

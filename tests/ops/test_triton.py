@@ -31,9 +31,10 @@ else:
     hla_triton = importlib.import_module("hadamard_attn.ops.triton")
 
 from hadamard_attn.ops import hadamard_attn  # noqa: E402
+from hadamard_attn.ops.naive import naive_hadamard_attn  # noqa: E402
 
 tp = importlib.import_module("hadamard_attn.ops.triton.parallel")
-from triton_checks import DEVICE, check, check_half, check_partial, make, rel  # noqa: E402
+from triton_checks import DEVICE, check, check_half, check_partial, make, rel, sixteen_bit_dots  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -81,13 +82,41 @@ def test_parallel_varlen_p3():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("widths", [(4, 4), (2, 4, 2)])  # P = 3: dq from the fp32 state (a tf32 dot on the GPU)
+@pytest.mark.parametrize("widths", [(4, 4), (2, 4, 2)])
 def test_parallel_half(dtype, widths):
     """16-bit inputs with a state far beyond fp16's range (fp16 reads it through a per-head power-of-two scale):
     the output and the gradients come back in the input dtype, the state in fp32."""
     leaves, n = make(2, 11, 2, widths, 16, 2, True), 2 * len(widths) + 1
     xs = [x.detach().to(dtype) for x in leaves[:n]]
     check_half(hla_triton, xs, [x.detach() * 1e6 for x in leaves[n:]], False, 1e6, 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_parallel_half_gpu_dtypes(monkeypatch, dtype):
+    """16 bits as the GPU runs them (16-bit dots), one query without features (den = 0, so g = do / eps): every
+    gradient finite and close to float64 but that query's own dq, which is beyond fp16's range (not compared)."""
+    sixteen_bit_dots(monkeypatch, tp)
+    P = 2
+    leaves = [x.detach() for x in make(1, 24, 2, (4, 4), 16, 1, False)]
+    leaves[0][0, 5, 1] = 0  # token 5, head 1: a zero factor, so phi = 0
+    leaves = [x.to(dtype).requires_grad_(True) for x in leaves]
+    ref = [x.detach().double().requires_grad_(True) for x in leaves]
+
+    def run(fn, t):
+        return fn(tuple(t[:P]), tuple(t[P : 2 * P]), t[2 * P], False, True, 1e-6, None, False, None)[0]
+
+    o, o_ref = run(hla_triton.triton_hadamard_attn, leaves), run(naive_hadamard_attn, ref)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    grads = torch.autograd.grad((o.float() * do).sum(), leaves)
+    grads_ref = torch.autograd.grad((o_ref * do.double()).sum(), ref)
+    keep = torch.ones(1, 24, 2, 1, dtype=torch.bool, device=DEVICE)
+    keep[0, 5, 1] = False
+    assert rel(o, o_ref) < 1e-2
+    for i, (a, b) in enumerate(zip(grads, grads_ref)):
+        if i < P:
+            a, b = torch.where(keep, a, 0), b * keep
+        assert a.isfinite().all(), f"gradient {i} not finite"
+        assert rel(a, b) < 2e-2, f"gradient {i}: {rel(a, b):.2e}"
 
 
 def test_api_backend_triton():

@@ -18,7 +18,7 @@ import torch
 triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 
-from triton_checks import DEVICE, check, check_half, check_partial, make, rel  # noqa: E402
+from triton_checks import DEVICE, check, check_half, check_partial, make, rel, sixteen_bit_dots  # noqa: E402
 
 from hadamard_attn.ops import hadamard_attn  # noqa: E402
 from hadamard_attn.ops.naive import naive_hadamard_attn  # noqa: E402
@@ -256,32 +256,8 @@ def test_chunk64_every_config(hla, gpu_chunk, config):
 
 @pytest.fixture
 def gpu_dtypes(hla, monkeypatch):
-    """The GPU's 16-bit paths under the interpreter: ``tl.dot`` operands and per-chunk states in the input dtype
-    (bf16 states for bf16 inputs), the interpreter's dot reading bf16/fp16 operands exactly (fp32 products)."""
-    if DEVICE != "cpu":
-        return
-    interp = pytest.importorskip("triton.runtime.interpreter")
-    import numpy as np
-    import triton.language as tl
-
-    chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
-    dts = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-    monkeypatch.setattr(chunk, "dot_dtype", lambda dtype: dtype)
-    monkeypatch.setattr(chunk, "dot_config", lambda dtype: (dts[dtype], "ieee"))
-    dot = interp.InterpreterBuilder.create_dot
-
-    def exact(h):
-        if h.dtype.scalar == tl.bfloat16:
-            data = interp._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
-            return interp.TensorHandle(data, tl.float32)
-        if h.dtype.scalar == tl.float16:
-            return interp.TensorHandle(h.data.astype(np.float32), tl.float32)
-        return h
-
-    def create_dot(self, a, b, *args):
-        return dot(self, exact(a), exact(b), *args)
-
-    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", create_dot)
+    """The GPU's 16-bit paths under the interpreter (``sixteen_bit_dots``; bf16 states for bf16 inputs)."""
+    sixteen_bit_dots(monkeypatch, sys.modules["hadamard_attn.ops.triton.chunk"])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -12,6 +12,37 @@ from hadamard_attn.ops.naive import naive_hadamard_attn
 DEVICE = "cpu" if not torch.cuda.is_available() else "cuda"
 
 
+def sixteen_bit_dots(monkeypatch, *modules) -> None:
+    """The GPU's 16-bit paths under the interpreter, for the kernels of ``modules``: ``tl.dot`` operands (and the
+    causal per-chunk states) in the input dtype, the interpreter's dot reading bf16/fp16 operands exactly (fp32
+    products; its own bf16 dots are wrong). Nothing to do on a GPU."""
+    if DEVICE != "cpu":
+        return
+    import numpy as np
+    import pytest
+    import triton.language as tl
+
+    interp = pytest.importorskip("triton.runtime.interpreter")
+    dts = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+    for module in modules:
+        monkeypatch.setattr(module, "dot_dtype", lambda dtype: dtype)
+        monkeypatch.setattr(module, "dot_config", lambda dtype: (dts[dtype], "ieee"))
+    dot = interp.InterpreterBuilder.create_dot
+
+    def exact(h):
+        if h.dtype.scalar == tl.bfloat16:
+            data = interp._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            return interp.TensorHandle(data, tl.float32)
+        if h.dtype.scalar == tl.float16:
+            return interp.TensorHandle(h.data.astype(np.float32), tl.float32)
+        return h
+
+    def create_dot(self, a, b, *args):
+        return dot(self, exact(a), exact(b), *args)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", create_dot)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative RMS error; NaN anywhere in ``a`` makes it NaN (and fails every comparison)."""
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()

@@ -25,7 +25,8 @@ Numerics: the denominator never goes through a low-precision dot: ``rowsum(A_c)`
 element-wise reductions. ``A_c`` can exceed fp16's range (``R^P``), so each row is divided by its largest
 magnitude before the ``A_c V_c`` dot and multiplied back after it.
 
-Backward, with ``g = do / (den + eps)`` and ``w = -sum(do * o) / (den + eps)`` per token (``do`` and 0 without
+Backward, with ``g = do / (den + eps)`` (rounded to bf16 for bf16 inputs, as the dots read it) and
+``w = -sum(g * o)`` per token, ``o`` unrounded (plus the residual ``store_output`` keeps; ``do`` and 0 without
 ``normalize``): the states entering the chunks are recomputed and the gradients of the states leaving them
 come from the same walk in reverse over ``phi(Q)^T [g | w]`` (``dhs [NT, H, M, Dv]``, same cost as ``hs``), both
 in one launch (``chunk_state_bwd_kernel``); then ``chunk_bwd_kernel`` (parallel over chunks, both sides in one
@@ -397,7 +398,8 @@ def chunk_output_kernel(
     BV: tl.constexpr,
 ):
     """``o_c = (A_c V_c + phi(Q_c) S_c) / (rowsum(A_c) + phi(Q_c) z_c + eps)`` for one chunk and Dv tile; the
-    denominators ``rowsum(A_c) + phi(Q_c) z_c`` go to ``dens [TT, H]`` (fp32, for the backward).
+    denominators ``rowsum(A_c) + phi(Q_c) z_c`` go to ``dens [TT, H]`` (fp32, for the backward), and with ``RES``
+    the rounding residual of ``o`` to ``res`` (``store_output``).
 
     ``x*, y*``: query and key factors ``[TT, H, R_f]``; ``hs, hz``: the states entering the chunks;
     ``chunk_seq, chunk_tok [NT]``: sequence and first token of each chunk (varlen). Grid: (NT, Dv tiles, H).
@@ -635,8 +637,10 @@ def bwd_prep_kernel(
     DV: tl.constexpr, NORMALIZE: tl.constexpr, RES: tl.constexpr, ROUND: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
     """The backward's per-(token, head) inputs, rows ``r < R = TT * H``: ``g = do / (den + eps)`` (fp32 ``[R, DV]``,
-    rounded to bf16 with ``ROUND``: as every dot reads it) and ``w = -sum(g * o)`` (``[R]``; ``o`` plus its rounding
-    residual with ``RES``, see ``store_output``); ``do`` and 0 without ``NORMALIZE``. Grid: (row blocks,)."""
+    rounded to bf16 with ``ROUND``, bf16 inputs: as every dot reads it; fp16 dots read it divided by its row's
+    largest magnitude, so there ``w`` is consistent to fp16's rounding only) and ``w = -sum(g * o)`` (``[R]``;
+    ``o`` plus its rounding residual with ``RES``, see ``store_output``); ``do`` and 0 without ``NORMALIZE``.
+    Grid: (row blocks,)."""
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
     mask = o_r < R
     p = o_r[:, None] * DV + tl.arange(0, DV)[None, :]

@@ -324,8 +324,12 @@ def token_bwd_kernel(
         b_g = tl.load(g + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0).to(tl.float32)
         if QUERY:
             if NORMALIZE:
-                den_e = tl.load(den + rows, mask=mask_t, other=0) + eps
-                b_g = (b_g * (1.0 / den_e)[:, None]).to(DOT).to(tl.float32)
+                b_g = b_g * (1.0 / (tl.load(den + rows, mask=mask_t, other=0) + eps))[:, None]
+                if DOT == tl.float16:
+                    # do / eps on a query without features (den = 0) is beyond fp16's range: clamped, so that its
+                    # zero features carry 0 (not inf * 0 = NaN) into the state gradient
+                    b_g = tl.clamp(b_g, -65504.0, 65504.0)
+                b_g = b_g.to(DOT).to(tl.float32)
                 p_o = rows[:, None] * DV + o_v[None, :]
                 b_o = tl.load(o + p_o, mask=mask_t[:, None], other=0).to(tl.float32)
                 if RES:

@@ -79,6 +79,8 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     each autotuning key (its ``key`` arguments, all passed by name here); later calls launch the config it chose
     directly: the autotuner's own work per call (dictionaries of every argument, each tensor's dtype as text) cost
     about 55 us of host time a launch on an H100 host. Assigning ``kernel.configs`` (tests pin configs) resets it.
+    The memo holds the autotuner's choice only (Triton's own cache still compiles per dtype and specialisation);
+    its key lacks the tensors' dtypes, which the kernels' keys carry as ``DOT`` (the decode step has no dot).
     """
     chosen = kernel.__dict__.setdefault("_chosen", {})
     key = tuple(kwargs[k] for k in kernel.keys)
@@ -99,8 +101,8 @@ def length_class(tokens: int) -> int:
 
 def keeps_residual(dtype: torch.dtype, normalize: bool, backward: bool) -> bool:
     """Whether a forward keeps its output's rounding residual (``store_output``): for a ``backward`` (some input
-    needs a gradient) of a normalised 16-bit output (H100, (32, 32), N = 32,760: the store costs about 0.07 ms of a
-    0.6 ms forward)."""
+    needs a gradient) of a normalised 16-bit output. It costs one more output-sized tensor saved for the backward
+    and its store (H100, (32, 32), N = 32,760: about 0.07 ms of a 0.6 ms forward)."""
     return backward and normalize and dtype != torch.float32
 
 

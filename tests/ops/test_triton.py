@@ -119,6 +119,32 @@ def test_parallel_half_gpu_dtypes(monkeypatch, dtype):
         assert rel(a, b) < 2e-2, f"gradient {i}: {rel(a, b):.2e}"
 
 
+def test_launch_memoises_the_autotuners_choice(monkeypatch):
+    """``launch`` runs the autotuner once per key and device, then launches its choice directly; new configs reset."""
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(configs=[triton.Config({"B": 16})], key=["N"])  # one config: no benchmarking on a CPU
+    @triton.jit
+    def fill(x, N, B: tl.constexpr):
+        o = tl.program_id(0) * B + tl.arange(0, B)
+        tl.store(x + o, o.to(tl.float32), mask=o < N)
+
+    runs = []
+    tuner_run = type(fill).run
+    monkeypatch.setattr(type(fill), "run", lambda self, *a, **k: runs.append(1) or tuner_run(self, *a, **k))
+    utils = sys.modules["hadamard_attn.ops.triton.utils"]
+    for n in (40, 40, 40, 50, 50):
+        x = torch.full((n,), float("nan"), device=DEVICE)
+        utils.launch(fill, lambda meta, n=n: (triton.cdiv(n, meta["B"]),), x, N=n)
+        assert torch.equal(x, torch.arange(n, dtype=torch.float32, device=DEVICE))
+    assert len(runs) == 2  # one per key
+    fill.configs = [triton.Config({"B": 32})]  # what tests do to pin a config
+    x = torch.full((40,), float("nan"), device=DEVICE)
+    utils.launch(fill, lambda meta: (triton.cdiv(40, meta["B"]),), x, N=40)
+    assert len(runs) == 3 and torch.equal(x, torch.arange(40, dtype=torch.float32, device=DEVICE))
+
+
 def test_api_backend_triton():
     """``hadamard_attn(..., backend="triton")`` runs the kernels and agrees with the naive path."""
     leaves = make(1, 13, 2, (4, 4), 16, 1, False)

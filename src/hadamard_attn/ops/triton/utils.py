@@ -79,11 +79,12 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     each autotuning key (its ``key`` arguments, all passed by name here); later calls launch the config it chose
     directly: the autotuner's own work per call (dictionaries of every argument, each tensor's dtype as text) cost
     about 55 us of host time a launch on an H100 host. Assigning ``kernel.configs`` (tests pin configs) resets it.
-    The memo holds the autotuner's choice only (Triton's own cache still compiles per dtype and specialisation);
-    its key lacks the tensors' dtypes, which the kernels' keys carry as ``DOT`` (the decode step has no dot).
+    The memo holds the autotuner's choice only (Triton's own cache still compiles per dtype and specialisation),
+    per device of the first argument (a config chosen on one GPU is not one ``safe_configs`` kept for another); its
+    key lacks the tensors' dtypes, which the kernels' keys carry as ``DOT`` (the decode step has no dot).
     """
     chosen = kernel.__dict__.setdefault("_chosen", {})
-    key = tuple(kwargs[k] for k in kernel.keys)
+    key = (args[0].device, *(kwargs[k] for k in kernel.keys))
     hit = chosen.get(key)
     if hit is not None and hit[0] is kernel.configs:
         kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **hit[1].all_kwargs())

@@ -144,3 +144,22 @@ def test_host_time_script_runs():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.endswith(" us")]
     assert len(lines) == 6 and all(float(line.split()[-2]) > 0 for line in lines), out.stdout
+
+
+def test_lm_gpu_script_runs_on_cpu():
+    """``benchmarks/lm_gpu.py`` (the transformers integration's GPU check) runs end to end on the CPU at a small
+    size: its three checks pass and it prints the generation time."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]))
+    args = ["--device", "cpu", "--prefill", "40", "--decode", "3", "--pad", "7", "--generate", "4"]
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "lm_gpu.py"), *args], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "checks PASSED" in out.stdout and out.stdout.count("  ok ") == 3 and "ms/token" in out.stdout

@@ -201,6 +201,7 @@ def walk_chunks(
     configs=autotune_configs(*_with_two_warps(STATE_CONFIGS), keys="BM BV"),
     prune_configs_by={"early_config_prune": safe_configs},
     key=STATE_KEY,
+    cache_results=True,  # tuned once per machine (Triton's cache directory), as fla does
 )
 @triton.jit(do_not_specialize=["T_SEQ"])
 def chunk_state_kernel(
@@ -243,6 +244,7 @@ def chunk_state_kernel(
     configs=autotune_configs(*_with_two_warps(STATE_CONFIGS), keys="BM BV"),
     prune_configs_by={"early_config_prune": safe_configs},
     key=STATE_KEY,
+    cache_results=True,  # tuned once per machine (Triton's cache directory), as fla does
 )
 @triton.jit(do_not_specialize=["T_SEQ"])
 def chunk_state_bwd_kernel(
@@ -362,6 +364,7 @@ def hadamard_block(
     configs=autotune_configs(*_with_two_warps(OUTPUT_CONFIGS), keys="BM BV"),
     prune_configs_by={"early_config_prune": safe_configs},
     key=["R1", "R2", "R3", "DV", "P", "C", "NORMALIZE", "DOT"],
+    cache_results=True,  # tuned once per machine (Triton's cache directory), as fla does
 )
 @triton.jit(do_not_specialize=["T_SEQ"])
 def chunk_output_kernel(
@@ -577,6 +580,7 @@ def side_grads(
     configs=autotune_configs(*_with_two_warps(BWD_CONFIGS), keys="BM"),
     prune_configs_by={"early_config_prune": safe_configs},
     key=["R1", "R2", "R3", "DV", "P", "C", "DOT"],
+    cache_results=True,  # tuned once per machine (Triton's cache directory), as fla does
 )
 @triton.jit(do_not_specialize=["T_SEQ"])
 def chunk_bwd_kernel(

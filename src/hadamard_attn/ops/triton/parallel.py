@@ -78,6 +78,7 @@ def _num_sms(device: torch.device) -> int:
         keys="BT BM BV",
     ),
     key=["R1", "R2", "R3", "DV", "P", "W_MODE", "DOT", "LENGTH_CLASS"],
+    cache_results=True,  # tuned once per machine (Triton's cache directory), as fla does
     restore_value=["S", "z"],
 )
 @triton.jit(do_not_specialize=["TT", "T_SEQ", "LENGTH_CLASS"])
@@ -169,6 +170,7 @@ def state_kernel(
         keys="BT BM BV",
     ),
     key=["R1", "R2", "R3", "DV", "P", "NORMALIZE", "DOT", "LENGTH_CLASS"],
+    cache_results=True,  # tuned once per machine (Triton's cache directory), as fla does
 )
 @triton.jit(do_not_specialize=["TT", "T_SEQ", "LENGTH_CLASS"])
 def readout_kernel(
@@ -255,6 +257,7 @@ def readout_kernel(
         (64, 64, 4, 2), (64, 128, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), keys="BT BM"
     ),
     key=["R1", "R2", "R3", "DV", "P", "QUERY", "NORMALIZE", "DOT", "LENGTH_CLASS"],
+    cache_results=True,  # tuned once per machine (Triton's cache directory), as fla does
 )
 @triton.jit(do_not_specialize=["TT", "T_SEQ", "LENGTH_CLASS"])
 def token_bwd_kernel(

@@ -57,7 +57,7 @@ import triton.language as tl
 from .utils import (
     at_least,
     at_most,
-    autotune_configs,
+    autotuned,
     dot_config,
     dot_dtype,
     dummy,
@@ -99,6 +99,11 @@ BWD_CONFIGS = ((32, 4, 3), (64, 4, 2), (16, 4, 2), (32, 4, 1))  # BM
 def _with_two_warps(table: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
     """The candidates, then each of them with num_warps = 2 (mma.sync instead of wgmma)."""
     return table + tuple(c[:-2] + (2, c[-1]) for c in table)
+
+
+def causal_autotuned(table: tuple[tuple[int, ...], ...], keys: str, key: list[str]):
+    """``autotuned`` over the candidates of ``table`` and their 2-warp forms, pruned by ``safe_configs``."""
+    return autotuned(*_with_two_warps(table), keys=keys, key=key, prune_configs_by={"early_config_prune": safe_configs})
 
 
 def gpu_configs(kern, i: int = 0, device: torch.device | None = None) -> list[triton.Config]:
@@ -197,12 +202,7 @@ def walk_chunks(
         tl.store(z + base * M + o_m, b_z, mask=mask_z)
 
 
-@triton.autotune(
-    configs=autotune_configs(*_with_two_warps(STATE_CONFIGS), keys="BM BV"),
-    prune_configs_by={"early_config_prune": safe_configs},
-    key=STATE_KEY,
-    cache_results=True,  # tuned once per machine (Triton's cache directory), as fla does
-)
+@causal_autotuned(STATE_CONFIGS, "BM BV", STATE_KEY)
 @triton.jit(do_not_specialize=["T_SEQ"])
 def chunk_state_kernel(
     x1,
@@ -240,12 +240,7 @@ def chunk_state_kernel(
     )  # fmt: skip
 
 
-@triton.autotune(
-    configs=autotune_configs(*_with_two_warps(STATE_CONFIGS), keys="BM BV"),
-    prune_configs_by={"early_config_prune": safe_configs},
-    key=STATE_KEY,
-    cache_results=True,  # tuned once per machine (Triton's cache directory), as fla does
-)
+@causal_autotuned(STATE_CONFIGS, "BM BV", STATE_KEY)
 @triton.jit(do_not_specialize=["T_SEQ"])
 def chunk_state_bwd_kernel(
     k1,
@@ -360,12 +355,7 @@ def hadamard_block(
     return s1, s2, s3
 
 
-@triton.autotune(
-    configs=autotune_configs(*_with_two_warps(OUTPUT_CONFIGS), keys="BM BV"),
-    prune_configs_by={"early_config_prune": safe_configs},
-    key=["R1", "R2", "R3", "DV", "P", "C", "NORMALIZE", "DOT"],
-    cache_results=True,  # tuned once per machine (Triton's cache directory), as fla does
-)
+@causal_autotuned(OUTPUT_CONFIGS, "BM BV", ["R1", "R2", "R3", "DV", "P", "C", "NORMALIZE", "DOT"])
 @triton.jit(do_not_specialize=["T_SEQ"])
 def chunk_output_kernel(
     x1,
@@ -576,12 +566,7 @@ def side_grads(
         tl.store(dv + rows[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=mask_t[:, None])
 
 
-@triton.autotune(
-    configs=autotune_configs(*_with_two_warps(BWD_CONFIGS), keys="BM"),
-    prune_configs_by={"early_config_prune": safe_configs},
-    key=["R1", "R2", "R3", "DV", "P", "C", "DOT"],
-    cache_results=True,  # tuned once per machine (Triton's cache directory), as fla does
-)
+@causal_autotuned(BWD_CONFIGS, "BM", ["R1", "R2", "R3", "DV", "P", "C", "DOT"])
 @triton.jit(do_not_specialize=["T_SEQ"])
 def chunk_bwd_kernel(
     q1,

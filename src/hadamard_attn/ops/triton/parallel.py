@@ -29,7 +29,7 @@ import triton.language as tl
 from .utils import (
     at_least,
     at_most,
-    autotune_configs,
+    autotuned,
     dot_config,
     dot_dtype,
     empty,
@@ -68,17 +68,14 @@ def _num_sms(device: torch.device) -> int:
 # first is what a check runs (valid up to Dv = 256; BM = 128 of the factor gradients needs too much shared memory
 # there). (32, 32), N = 32,760: state build 0.295 ms at (64, 128, 128, 4 warps, 3 stages)
 # against 0.370 with 2 stages; factor gradients (queries) 0.436 ms at BM = 128 against 0.516 at 64.
-@triton.autotune(
-    configs=autotune_configs(
-        (64, 128, 128, 4, 3),
-        (64, 128, 128, 4, 2),
-        (128, 128, 128, 8, 2),
-        (128, 64, 128, 4, 2),
-        (64, 64, 128, 4, 3),
-        keys="BT BM BV",
-    ),
+@autotuned(
+    (64, 128, 128, 4, 3),
+    (64, 128, 128, 4, 2),
+    (128, 128, 128, 8, 2),
+    (128, 64, 128, 4, 2),
+    (64, 64, 128, 4, 3),
+    keys="BT BM BV",
     key=["R1", "R2", "R3", "DV", "P", "W_MODE", "DOT", "LENGTH_CLASS"],
-    cache_results=True,  # tuned once per machine (Triton's cache directory), as fla does
     restore_value=["S", "z"],
 )
 @triton.jit(do_not_specialize=["TT", "T_SEQ", "LENGTH_CLASS"])
@@ -161,16 +158,13 @@ def state_kernel(
                 tl.atomic_add(z + base * M + o_m, tl.sum(zacc, 1), mask=mask_m & (i_v == 0), sem="relaxed")
 
 
-@triton.autotune(
-    configs=autotune_configs(
-        (128, 64, 128, 4, 3),
-        (64, 64, 128, 4, 4),
-        (128, 32, 128, 4, 3),
-        (128, 64, 128, 8, 3),
-        keys="BT BM BV",
-    ),
+@autotuned(
+    (128, 64, 128, 4, 3),
+    (64, 64, 128, 4, 4),
+    (128, 32, 128, 4, 3),
+    (128, 64, 128, 8, 3),
+    keys="BT BM BV",
     key=["R1", "R2", "R3", "DV", "P", "NORMALIZE", "DOT", "LENGTH_CLASS"],
-    cache_results=True,  # tuned once per machine (Triton's cache directory), as fla does
 )
 @triton.jit(do_not_specialize=["TT", "T_SEQ", "LENGTH_CLASS"])
 def readout_kernel(
@@ -252,12 +246,14 @@ def readout_kernel(
         store_output(o, res, rows[:, None] * DV + o_v[None, :], acc, mask_t[:, None], RES)
 
 
-@triton.autotune(
-    configs=autotune_configs(
-        (64, 64, 4, 2), (64, 128, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), keys="BT BM"
-    ),
+@autotuned(
+    (64, 64, 4, 2),
+    (64, 128, 4, 2),
+    (64, 64, 4, 3),
+    (64, 32, 4, 3),
+    (128, 64, 8, 2),
+    keys="BT BM",
     key=["R1", "R2", "R3", "DV", "P", "QUERY", "NORMALIZE", "DOT", "LENGTH_CLASS"],
-    cache_results=True,  # tuned once per machine (Triton's cache directory), as fla does
 )
 @triton.jit(do_not_specialize=["TT", "T_SEQ", "LENGTH_CLASS"])
 def token_bwd_kernel(

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .utils import (
     at_most,
-    autotune_configs,
+    autotuned,
     empty,
     factors3,
     kr_block,
@@ -35,10 +35,12 @@ from .utils import (
 State = tuple[torch.Tensor, torch.Tensor]
 
 
-@triton.autotune(
-    configs=autotune_configs((64, 64, 4, 1), (128, 32, 4, 1), (256, 64, 8, 1), keys="BM BV"),
+@autotuned(
+    (64, 64, 4, 1),
+    (128, 32, 4, 1),
+    (256, 64, 8, 1),
+    keys="BM BV",
     key=["R1", "R2", "R3", "DV", "P", "HAS_STATE", "NORMALIZE"],
-    cache_results=True,  # tuned once per machine (Triton's cache directory), as fla does
 )
 @triton.jit
 def step_kernel(

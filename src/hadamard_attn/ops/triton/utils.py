@@ -74,6 +74,12 @@ def autotune_configs(*candidates: tuple[int, ...], keys: str) -> list[triton.Con
     return [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1]) for c in candidates]
 
 
+def autotuned(*candidates: tuple[int, ...], keys: str, key: list[str], **kwargs):
+    """``triton.autotune`` over ``autotune_configs(*candidates, keys=keys)`` with the autotuning ``key``; the results
+    are cached in Triton's cache directory (tuned once per machine, as fla does). ``kwargs``: more of its options."""
+    return triton.autotune(configs=autotune_configs(*candidates, keys=keys), key=key, cache_results=True, **kwargs)
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` for a ``triton.autotune``d kernel. The autotuner runs on the first call of
     each autotuning key (its ``key`` arguments, all passed by name here); later calls launch the config it chose

@@ -55,12 +55,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def make(B, T, H, widths, Dv, dtype, init=False, N=None, grad=True, pad=0):
     """Non-negative factors (each row sums to about 1), random values, optional initial state; ``pad``: the
-    first ``pad`` tokens of the last row are left padding (zero keys and values, as the transformers layers pass)."""
+    first ``pad`` tokens of the last row are left padding: zero keys and values, as the transformers layers pass, and
+    zero queries, whose denominator is 0 (fp16: ``do / eps`` beyond its range, clamped)."""
     q = [torch.rand(B, T, H, r, device=DEV).div(r / 2).to(dtype) for r in widths]
     k = [torch.rand(B, T, H, r, device=DEV).div(r / 2).to(dtype) for r in widths]
     v = torch.randn(B, T, H, Dv, device=DEV, dtype=dtype)
     if pad:
-        for x in (*k, v):
+        for x in (*q, *k, v):
             x[-1, :pad] = 0
     M = math.prod(widths)
     st = None

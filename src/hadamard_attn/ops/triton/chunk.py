@@ -58,6 +58,7 @@ from .utils import (
     at_least,
     at_most,
     autotuned,
+    cdiv,
     dot_config,
     dot_dtype,
     dummy,
@@ -81,6 +82,7 @@ from .utils import (
     store_output,
     tile_count,
     traced,
+    upstream_grads,
     widths3,
 )
 
@@ -653,7 +655,7 @@ def _chunk_index(cu_seqlens: torch.Tensor | None, seqs, C: int, device):
     first chunk, each chunk's sequence and first token; dummies for a dense batch."""
     if not seqs.IS_VARLEN:
         none = dummy(device)
-        return seqs.N * triton.cdiv(seqs.T_SEQ, C), none, none, none
+        return seqs.N * cdiv(seqs.T_SEQ, C), none, none, none
     cu = seqs.cu_seqlens.long()
     n_chunks = (cu[1:] - cu[:-1] + C - 1) // C  # [N]
     offsets = torch.cumsum(n_chunks, 0) - n_chunks  # [N]
@@ -678,7 +680,7 @@ def _chunk_states(NT: int, H: int, M: int, Dv: int, dtype: torch.dtype, device) 
 def _state_grid(widths: tuple[int, ...], Dv: int, NH: int, walks: int = 1):
     """Grid of the state kernels: (M tiles * Dv tiles, N * H, walks)."""
     R1, R2, R3 = widths3(widths)
-    return lambda meta: (tile_count(R1, R2, R3, meta["BM"]) * triton.cdiv(Dv, min(meta["BV"], Dv)), NH, walks)
+    return lambda meta: (tile_count(R1, R2, R3, meta["BM"]) * cdiv(Dv, min(meta["BV"], Dv)), NH, walks)
 
 
 def _chunk_fwd(
@@ -725,7 +727,7 @@ def _chunk_fwd(
     den = empty((B * T, H), torch.float32, v.device)
     res = empty(v.shape, v.dtype, v.device) if keeps_residual(v.dtype, normalize, backward) else v.new_empty(0)
     launch(
-        chunk_output_kernel, lambda meta: (NT, triton.cdiv(Dv, min(meta["BV"], Dv)), H),
+        chunk_output_kernel, lambda meta: (NT, cdiv(Dv, min(meta["BV"], Dv)), H),
         *factors3(q), *factors3(k), v, hs, hz, o, res if res.numel() else o, den,
         seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps,
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
@@ -783,7 +785,7 @@ def _chunk_bwd(
     g = empty(v.shape, torch.float32, v.device)
     w = empty((B, T, H), torch.float32, v.device)
     BR = 16
-    bwd_prep_kernel[(triton.cdiv(B * T * H, BR),)](
+    bwd_prep_kernel[(cdiv(B * T * H, BR),)](
         do.contiguous(), o.contiguous(), res if res.numel() else o, den, g, w, eps, B * T * H,
         DV=Dv, NORMALIZE=normalize, RES=res.numel() > 0, ROUND=dot_dtype(v.dtype) == torch.bfloat16, BR=BR,
     )  # fmt: skip
@@ -857,10 +859,7 @@ class ChunkHLATriton(torch.autograd.Function):
     def backward(ctx, do, dS, dz):
         P, normalize, eps, C = ctx.cfg
         v, o, res, den, S0, z0, cu_seqlens, *factors = ctx.saved_tensors
-        do = torch.zeros_like(o) if do is None else do
-        if (dS is None) != (dz is None):  # one of S and z used: the other's gradient is 0
-            dS = torch.zeros(*dz.shape, v.shape[-1], device=dz.device) if dS is None else dS
-            dz = torch.zeros(dS.shape[:-1], device=dS.device) if dz is None else dz
+        do, dS, dz = upstream_grads(o, do, dS, dz)
         dq, dk, dv, dS0, dz0 = traced(chunk_bwd, _chunk_bwd)(
             factors[:P], factors[P:], v, o, res, den, S0, z0, cu_seqlens, do, dS, dz, normalize, eps, C
         )

@@ -30,6 +30,7 @@ from .utils import (
     at_least,
     at_most,
     autotuned,
+    cdiv,
     dot_config,
     dot_dtype,
     empty,
@@ -51,6 +52,7 @@ from .utils import (
     store_output,
     tile_count,
     traced,
+    upstream_grads,
     widths3,
 )
 
@@ -412,7 +414,7 @@ def _with_z(S: torch.Tensor, z: torch.Tensor, scale: torch.Tensor | None, dtype:
     N, H, M, Dv = S.shape
     Sz = empty((N, H, M, Dv + 16), dot_dtype(dtype), S.device)
     BMP = 16 if interpreting() else 32
-    pack_state_kernel[(triton.cdiv(M, BMP), N * H)](
+    pack_state_kernel[(cdiv(M, BMP), N * H)](
         S, z, scale if scale is not None else z, Sz, M, DV=Dv, HAS_SCALE=scale is not None, BMP=BMP
     )
     return Sz
@@ -429,8 +431,8 @@ def _build_state(x, v, S, z, seqs, w_mode, w=None):
     def grid(meta):
         # split the tokens so that there are about 8 programs per SM (H100, (32, 32), N = 32760: 4 per SM
         # left a wave half empty, 0.45 ms; 8 per SM, 0.35 ms; 12, 0.355 ms)
-        tiles = tile_count(R1, R2, R3, meta["BM"]) * triton.cdiv(Dv, min(meta["BV"], Dv)) * H
-        splits = min(triton.cdiv(8 * _num_sms(v.device), tiles), triton.cdiv(TT, 4 * meta["BT"]))
+        tiles = tile_count(R1, R2, R3, meta["BM"]) * cdiv(Dv, min(meta["BV"], Dv)) * H
+        splits = min(cdiv(8 * _num_sms(v.device), tiles), cdiv(TT, 4 * meta["BT"]))
         return tiles // H, max(splits, 1), H
 
     launch(
@@ -451,7 +453,7 @@ def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, res=None,
     DOT, PREC = dot_config(g.dtype)
     TT = B * T
     launch(
-        token_bwd_kernel, lambda meta: (triton.cdiv(TT, meta["BT"]), H),
+        token_bwd_kernel, lambda meta: (cdiv(TT, meta["BT"]), H),
         x1, x2, x3, g, o if o is not None else g, res if res is not None and res.numel() else g,
         den if den is not None else g, w if w is not None else g, gq if gq is not None else g,
         S, scale if scale is not None else z, z, d1, d2, d3, dv if dv is not None else g,
@@ -497,7 +499,7 @@ def _parallel_fwd(
     TT = B * T
     scale = _range_scale(S, z, v.dtype)
     launch(
-        readout_kernel, lambda meta: (triton.cdiv(TT, meta["BT"]), triton.cdiv(Dv, min(meta["BV"], Dv)), H),
+        readout_kernel, lambda meta: (cdiv(TT, meta["BT"]), cdiv(Dv, min(meta["BV"], Dv)), H),
         x1, x2, x3, _with_z(S, z, scale, v.dtype), scale if scale is not None else z, o, res if res.numel() else o,
         den,
         seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
@@ -526,13 +528,14 @@ def _parallel_bwd(
     S: torch.Tensor,
     z: torch.Tensor,
     do: torch.Tensor,
-    dS: torch.Tensor,
-    dz: torch.Tensor,
+    dS: torch.Tensor | None,
+    dz: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     normalize: bool,
     eps: float,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: ``(dq, dk, dv, dS0, dz0)`` given the saved forward and the gradients of ``o, S, z``."""
+    """Backward: ``(dq, dk, dv, dS0, dz0)`` given the saved forward and the gradients of ``o, S, z`` (``dS, dz``
+    None for an unused final state)."""
     B, T, H, Dv = v.shape
     seqs = sequences(cu_seqlens, B, T, v.device)
     do = _flat(do)
@@ -543,7 +546,10 @@ def _parallel_bwd(
     gq = empty(v.shape, dot_dtype(v.dtype), v.device) if normalize else do  # do / (den + eps) as the dots read it
     dq = _token_bwd(q, do, S_dot, scale, z, seqs, True, normalize, eps, o=o, res=res, den=den, w=w, gq=gq)
     # gradient of the state: upstream + phi(Q)^T [g | w]
-    dS_tot, dz_tot = dS.float().clone().contiguous(), dz.float().clone().contiguous()
+    if dS is None:
+        dS_tot, dz_tot = torch.zeros_like(S), torch.zeros_like(z)
+    else:
+        dS_tot, dz_tot = dS.float().clone().contiguous(), dz.float().clone().contiguous()
     _build_state(q, gq, dS_tot, dz_tot, seqs, w_mode=2 if normalize else 0, w=w)
     # keys: dk and dv
     dv = empty(v.shape, v.dtype, v.device)
@@ -578,14 +584,14 @@ class ParallelHLA(torch.autograd.Function):
         o, S, z, den, res = traced(parallel_fwd, _parallel_fwd)(q, k, v, S0, z0, cu_seqlens, normalize, eps, backward)
         ctx.save_for_backward(v, o, res, den, S, z, cu_seqlens, *factors)
         ctx.cfg = (P, normalize, eps, S0 is not None)
+        ctx.set_materialize_grads(False)  # an unused final state costs no zeros and copies
         return o, S, z
 
     @staticmethod
     def backward(ctx, do, dS, dz):
         P, normalize, eps, has_init = ctx.cfg
         v, o, res, den, S, z, cu_seqlens, *factors = ctx.saved_tensors
-        dS = torch.zeros_like(S) if dS is None else dS
-        dz = torch.zeros_like(z) if dz is None else dz
+        do, dS, dz = upstream_grads(o, do, dS, dz)
         dq, dk, dv, dS0, dz0 = traced(parallel_bwd, _parallel_bwd)(
             factors[:P], factors[P:], v, o, res, den, S, z, do, dS, dz, cu_seqlens, normalize, eps
         )

@@ -22,6 +22,7 @@ import triton.language as tl
 from .utils import (
     at_most,
     autotuned,
+    cdiv,
     empty,
     factors3,
     kr_block,
@@ -127,7 +128,7 @@ def _step(
     o = empty(v.shape, v.dtype, v.device)
     R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
     launch(
-        step_kernel, lambda meta: (triton.cdiv(Dv, min(meta["BV"], Dv)), B * H),
+        step_kernel, lambda meta: (cdiv(Dv, min(meta["BV"], Dv)), B * H),
         *factors3(q), *factors3(k), v,
         S.contiguous() if has_state else S_new, z.contiguous() if has_state else z_new, S_new, z_new, o, eps,
         DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), HAS_STATE=has_state, NORMALIZE=normalize,

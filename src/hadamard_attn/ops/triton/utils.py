@@ -93,10 +93,10 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     key = (args[0].device, *(kwargs[k] for k in kernel.keys))
     hit = chosen.get(key)
     if hit is not None and hit[0] is kernel.configs:
-        kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **hit[1].all_kwargs())
+        kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **hit[1])
         return
     kernel[grid](*args, **kwargs)
-    chosen[key] = (kernel.configs, kernel.best_config)
+    chosen[key] = (kernel.configs, kernel.best_config.all_kwargs())
 
 
 def length_class(tokens: int) -> int:
@@ -163,6 +163,11 @@ def kr_tile_count(R1: int, R2: int, R3: int, BM: int) -> int:
 def tile_count(R1: int, R2: int, R3: int, BM: int) -> int:
     """``kr_tile_count`` on the host (launch grids), memoised: a constexpr function's call costs several us."""
     return kr_tile_count(R1, R2, R3, BM)
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` on the host (launch grids): ``triton.cdiv`` is a constexpr function, several us a call."""
+    return -(-a // b)
 
 
 @functools.cache
@@ -409,6 +414,17 @@ def store_factor_grad(dx, rows, mask_t, g, R: tl.constexpr, W: tl.constexpr):
     o = tl.arange(0, W)
     mask = mask_t[:, None] & (o < R)[None, :]
     tl.store(dx + rows[:, None] * R + o[None, :], g.to(dx.dtype.element_ty), mask=mask)
+
+
+def upstream_grads(o: torch.Tensor, do, dS, dz):
+    """The gradients of ``o, S, z`` an autograd backward receives without materialised zeros (its forward set
+    ``set_materialize_grads(False)``): ``do`` zeros where None, and ``dS, dz`` both None (an unused final state,
+    which costs nothing) or both tensors (zeros for the one of the two that was not used)."""
+    do = torch.zeros_like(o) if do is None else do
+    if (dS is None) != (dz is None):
+        dS = dz.new_zeros(*dz.shape, o.shape[-1]) if dS is None else dS
+        dz = dS.new_zeros(dS.shape[:-1]) if dz is None else dz
+    return do, dS, dz
 
 
 def fake_forward_outputs(q, v: torch.Tensor, cu_seqlens: torch.Tensor | None):

@@ -1,7 +1,7 @@
 """The transformers integration on a GPU: a random Llama with HLA in some of its layers (hybrid), checked and timed.
 
     PYTHONPATH=src python3 benchmarks/lm_gpu.py [--device cuda] [--layers 0,1,3] [--widths 16x16]
-        [--prefill 256] [--decode 44] [--pad 50] [--generate 64]
+        [--prefill 256] [--decode 44] [--pad 50] [--generate 64] [--first-config]
 
 Random weights (hidden 512, 8 query / 2 key-value heads of 64, 4 layers), batch 2 with row 1 left-padded by
 ``--pad`` tokens, HLA layers with Hedgehog maps, the rest softmax with their usual key/value cache.
@@ -13,7 +13,9 @@ Random weights (hidden 512, 8 query / 2 key-value heads of 64, 4 layers), batch 
    CUDA) against full forwards over the same prefixes, fp32 and bf16;
 3. greedy ``generate`` of ``--generate`` tokens in bf16: ms per token.
 
-Exits non-zero when a check fails (fp32 within 1e-4, bf16 within 6e-2).
+Exits non-zero when a check fails (fp32 within 1e-4, bf16 within 6e-2). ``--first-config`` runs every causal and
+non-causal kernel with its first autotuning candidate (what ``triton_gpu.py``'s check runs): the causal kernels'
+autotuning takes minutes per dtype in a fresh process; the generate timing then uses that candidate too.
 """
 
 from __future__ import annotations
@@ -122,11 +124,17 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=44)
     p.add_argument("--pad", type=int, default=50)
     p.add_argument("--generate", type=int, default=64)
+    p.add_argument("--first-config", action="store_true", help="no autotuning: each kernel's first candidate")
     a = p.parse_args()
     device = torch.device(a.device)
     layers = [int(i) for i in a.layers.split(",")]
     widths = tuple(int(r) for r in a.widths.split("x"))
     import transformers
+
+    if a.first_config:
+        from triton_gpu import pin_configs
+
+        pin_configs(0, device)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{name}, torch {torch.__version__}, transformers {transformers.__version__}")

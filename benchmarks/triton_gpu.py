@@ -127,12 +127,12 @@ def check_one(widths, Dv, dtype, B, T, H, normalize=True, init=False, cu=None, r
     return ok
 
 
-def pin_configs(i: int) -> None:
-    """Every kernel limited to its autotuning candidate ``i`` (the last one where it has fewer), in the form this
-    device runs."""
+def pin_configs(i: int, device: str | torch.device = DEV) -> None:
+    """Every kernel limited to its autotuning candidate ``i`` (the last one where it has fewer), in the form
+    ``device`` runs."""
     for kern in KERNELS:
         if kern in tc.KERNELS:
-            kern.configs = tc.gpu_configs(kern, min(i, len(tc.STATE_CONFIGS) - 1), torch.device(DEV))
+            kern.configs = tc.gpu_configs(kern, min(i, len(tc.STATE_CONFIGS) - 1), torch.device(device))
         else:
             kern.configs = kern.configs[min(i, len(kern.configs) - 1) :][:1]
         kern.cache = {}

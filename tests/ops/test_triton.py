@@ -145,6 +145,40 @@ def test_launch_memoises_the_autotuners_choice(monkeypatch):
     assert len(runs) == 3 and torch.equal(x, torch.arange(40, dtype=torch.float32, device=DEVICE))
 
 
+def test_autotuning_keys_are_plain_values(monkeypatch):
+    """Every autotuned kernel's ``key`` holds plain values: Triton's disk cache of autotuning results writes them as
+    JSON once a key is tuned (a ``tl.dtype`` in a key raised at the first call of every key on the GPU, where the
+    cache is on; the interpreter has none, so the values are checked here)."""
+    import json
+
+    from hadamard_attn import hadamard_attn_step
+
+    utils = sys.modules["hadamard_attn.ops.triton.utils"]
+    keys = {}
+
+    def recording(kernel, grid, *args, **kwargs):
+        keys[kernel.base_fn.__name__] = [kwargs[k] for k in kernel.keys]
+        return utils.launch(kernel, grid, *args, **kwargs)
+
+    modules = [sys.modules[f"hadamard_attn.ops.triton.{m}"] for m in ("parallel", "chunk", "step")]
+    for module in modules:
+        monkeypatch.setattr(module, "launch", recording)
+    for causal in (False, True):
+        leaves = make(1, 5, 1, (4, 4), 16, 1, False)
+        o, _ = hadamard_attn(leaves[:2], leaves[2:4], leaves[4], causal=causal, backend="triton")
+        o.sum().backward()
+    with torch.no_grad():
+        hadamard_attn_step([x[:, 0] for x in leaves[:2]], [x[:, 0] for x in leaves[2:4]], leaves[4][:, 0], None,
+                           backend="triton")  # fmt: skip
+    autotuned = {k.base_fn.__name__ for m in modules for k in vars(m).values() if hasattr(k, "cache_results")}
+    assert set(keys) == autotuned and len(autotuned) == 8
+    for name, key in keys.items():
+        try:
+            json.dumps(key)
+        except TypeError as e:
+            pytest.fail(f"{name}: autotuning key {key} is not JSON: {e}")
+
+
 def test_api_backend_triton():
     """``hadamard_attn(..., backend="triton")`` runs the kernels and agrees with the naive path."""
     leaves = make(1, 13, 2, (4, 4), 16, 1, False)

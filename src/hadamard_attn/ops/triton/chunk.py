@@ -128,7 +128,7 @@ def default_chunk_size() -> int:
     return 16 if interpreting() else 64
 
 
-STATE_KEY = ["R1", "R2", "R3", "DV", "P", "C", "HAS_INIT", "DOT"]
+STATE_KEY = ["R1", "R2", "R3", "DV", "P", "C", "HAS_INIT"]
 
 
 @triton.jit
@@ -357,7 +357,7 @@ def hadamard_block(
     return s1, s2, s3
 
 
-@causal_autotuned(OUTPUT_CONFIGS, "BM BV", ["R1", "R2", "R3", "DV", "P", "C", "NORMALIZE", "DOT"])
+@causal_autotuned(OUTPUT_CONFIGS, "BM BV", ["R1", "R2", "R3", "DV", "P", "C", "NORMALIZE"])
 @triton.jit(do_not_specialize=["T_SEQ"])
 def chunk_output_kernel(
     x1,
@@ -568,7 +568,7 @@ def side_grads(
         tl.store(dv + rows[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=mask_t[:, None])
 
 
-@causal_autotuned(BWD_CONFIGS, "BM", ["R1", "R2", "R3", "DV", "P", "C", "DOT"])
+@causal_autotuned(BWD_CONFIGS, "BM", ["R1", "R2", "R3", "DV", "P", "C"])
 @triton.jit(do_not_specialize=["T_SEQ"])
 def chunk_bwd_kernel(
     q1,

@@ -77,7 +77,7 @@ def _num_sms(device: torch.device) -> int:
     (128, 64, 128, 4, 2),
     (64, 64, 128, 4, 3),
     keys="BT BM BV",
-    key=["R1", "R2", "R3", "DV", "P", "W_MODE", "DOT", "LENGTH_CLASS"],
+    key=["R1", "R2", "R3", "DV", "P", "W_MODE", "LENGTH_CLASS"],
     restore_value=["S", "z"],
 )
 @triton.jit(do_not_specialize=["TT", "T_SEQ", "LENGTH_CLASS"])
@@ -166,7 +166,7 @@ def state_kernel(
     (128, 32, 128, 4, 3),
     (128, 64, 128, 8, 3),
     keys="BT BM BV",
-    key=["R1", "R2", "R3", "DV", "P", "NORMALIZE", "DOT", "LENGTH_CLASS"],
+    key=["R1", "R2", "R3", "DV", "P", "NORMALIZE", "LENGTH_CLASS"],
 )
 @triton.jit(do_not_specialize=["TT", "T_SEQ", "LENGTH_CLASS"])
 def readout_kernel(
@@ -255,7 +255,7 @@ def readout_kernel(
     (64, 32, 4, 3),
     (128, 64, 8, 2),
     keys="BT BM",
-    key=["R1", "R2", "R3", "DV", "P", "QUERY", "NORMALIZE", "DOT", "LENGTH_CLASS"],
+    key=["R1", "R2", "R3", "DV", "P", "QUERY", "NORMALIZE", "LENGTH_CLASS"],
 )
 @triton.jit(do_not_specialize=["TT", "T_SEQ", "LENGTH_CLASS"])
 def token_bwd_kernel(

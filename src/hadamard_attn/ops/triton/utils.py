@@ -76,7 +76,11 @@ def autotune_configs(*candidates: tuple[int, ...], keys: str) -> list[triton.Con
 
 def autotuned(*candidates: tuple[int, ...], keys: str, key: list[str], **kwargs):
     """``triton.autotune`` over ``autotune_configs(*candidates, keys=keys)`` with the autotuning ``key``; the results
-    are cached in Triton's cache directory (tuned once per machine, as fla does). ``kwargs``: more of its options."""
+    are cached in Triton's cache directory (tuned once per machine, as fla does). ``kwargs``: more of its options.
+
+    The ``key`` names plain (JSON) arguments only: the disk cache writes their values as JSON once the tuning is
+    done, and a ``tl.dtype`` there raised on the first call of every key on the GPU. The tensors' dtypes, which the
+    autotuner adds to its key itself, stand for the dot dtype (``DOT``) that follows from them."""
     return triton.autotune(configs=autotune_configs(*candidates, keys=keys), key=key, cache_results=True, **kwargs)
 
 
@@ -86,11 +90,11 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     directly: the autotuner's own work per call (dictionaries of every argument, each tensor's dtype as text) cost
     about 55 us of host time a launch on an H100 host. Assigning ``kernel.configs`` (tests pin configs) resets it.
     The memo holds the autotuner's choice only (Triton's own cache still compiles per dtype and specialisation),
-    per device of the first argument (a config chosen on one GPU is not one ``safe_configs`` kept for another); its
-    key lacks the tensors' dtypes, which the kernels' keys carry as ``DOT`` (the decode step has no dot).
+    per device and dtype of the first argument (a config chosen on one GPU is not one ``safe_configs`` kept for
+    another; the inputs' dtype decides the dot dtype, and every launch's tensors follow it).
     """
     chosen = kernel.__dict__.setdefault("_chosen", {})
-    key = (args[0].device, *(kwargs[k] for k in kernel.keys))
+    key = (args[0].device, args[0].dtype, *(kwargs[k] for k in kernel.keys))
     hit = chosen.get(key)
     if hit is not None and hit[0] is kernel.configs:
         kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **hit[1])

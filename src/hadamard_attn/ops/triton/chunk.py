@@ -74,7 +74,9 @@ from .utils import (
     kr_tile_count,
     kr_tile_t,
     launch,
+    load_output,
     register_wgmma_hazard,
+    residual,
     safe_configs,
     seq_bounds,
     sequences,
@@ -640,10 +642,7 @@ def bwd_prep_kernel(
         b_g = b_g * (1.0 / (tl.load(den + o_r, mask=mask, other=0) + eps))[:, None]
         if ROUND:
             b_g = b_g.to(tl.bfloat16).to(tl.float32)
-        b_o = tl.load(o + p, mask=mask[:, None], other=0).to(tl.float32)
-        if RES:
-            b_o += tl.load(res + p, mask=mask[:, None], other=0).to(tl.float32)
-        b_w = -tl.sum(b_g * b_o, 1)
+        b_w = -tl.sum(b_g * load_output(o, res, p, mask[:, None], RES), 1)
     else:
         b_w = tl.zeros([BR], dtype=tl.float32)
     tl.store(g + p, b_g, mask=mask[:, None])
@@ -725,7 +724,7 @@ def _chunk_fwd(
     )  # fmt: skip
     o = empty(v.shape, v.dtype, v.device)
     den = empty((B * T, H), torch.float32, v.device)
-    res = empty(v.shape, v.dtype, v.device) if keeps_residual(v.dtype, normalize, backward) else v.new_empty(0)
+    res = residual(o, keeps_residual(v.dtype, normalize, backward))
     launch(
         chunk_output_kernel, lambda meta: (NT, cdiv(Dv, min(meta["BV"], Dv)), H),
         *factors3(q), *factors3(k), v, hs, hz, o, res if res.numel() else o, den,
@@ -744,7 +743,7 @@ chunk_fwd = torch.library.custom_op("hadamard_attn::chunk_fwd", _chunk_fwd, muta
 
 @chunk_fwd.register_fake
 def _(q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size, backward):
-    res = torch.empty_like(v) if keeps_residual(v.dtype, normalize, backward) else v.new_empty(0)
+    res = residual(v, keeps_residual(v.dtype, normalize, backward))
     return (*fake_forward_outputs(q, v, cu_seqlens), res)
 
 

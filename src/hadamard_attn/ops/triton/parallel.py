@@ -45,6 +45,8 @@ from .utils import (
     kr_tile_t,
     launch,
     length_class,
+    load_output,
+    residual,
     seq_bounds,
     seq_of,
     sequences,
@@ -201,8 +203,8 @@ def readout_kernel(
     BV: tl.constexpr,
 ):
     """``o = phi(x) S / (phi(x) z + eps)`` for a block of tokens; stores ``den = phi(x) z`` too (fp32 ``[TT, H]``)
-    and, with ``RES``, what rounding ``o`` to its dtype dropped (``res``, same dtype: ``o + res`` is the fp32
-    output to about 16 bits, for the backward's ``w``).
+    and, with ``RES``, what rounding ``o`` to its dtype dropped (``res``, int8, see ``store_output``: the fp32 output
+    to about 15 bits, for the backward's ``w``).
 
     ``Sz [N, H, M, DV + 16]`` in ``DOT``: ``S``, then ``z`` split in two columns (high and low part), then zeros;
     divided by ``scale [N, H]`` if ``HAS_SCALE``. Grid: (token blocks, Dv tiles, H).
@@ -300,7 +302,7 @@ def token_bwd_kernel(
     """Gradient of the factors on one side, for a block of tokens: ``dphi(x) = G S^T + w z^T`` -> ``dx_f``.
 
     Queries (``QUERY``): ``G = do / (den + eps)`` rounded to ``DOT`` (as the dot reads it), ``w = -sum(G * o)``
-    (``do``, 0 without ``NORMALIZE``), ``o`` plus its rounding residual ``res`` with ``RES``: ``w`` consistent with
+    (``do``, 0 without ``NORMALIZE``), ``o`` with its rounding residual ``res`` if ``RES``: ``w`` consistent with
     the dot, whose sum with ``w z^T`` cancels (H100, (16, 16, 16) bf16, T = 16,384: ``dq`` 4.9e-2 with the rounded
     ``o`` and ``g``; a float64 model of the two roundings gives 4.8e-2, of this form 3.5e-3); for the state
     gradient, ``G`` is stored to ``gq`` and ``w`` as ``[TT, H, 16]`` columns. Keys: ``G = v``,
@@ -332,10 +334,7 @@ def token_bwd_kernel(
                     b_g = tl.clamp(b_g, -65504.0, 65504.0)
                 b_g = b_g.to(DOT).to(tl.float32)
                 p_o = rows[:, None] * DV + o_v[None, :]
-                b_o = tl.load(o + p_o, mask=mask_t[:, None], other=0).to(tl.float32)
-                if RES:
-                    b_o += tl.load(res + p_o, mask=mask_t[:, None], other=0).to(tl.float32)
-                b_w = -tl.sum(b_g * b_o, 1)  # [BT]
+                b_w = -tl.sum(b_g * load_output(o, res, p_o, mask_t[:, None], RES), 1)  # [BT]
                 # for the state gradient: G, and w as two DOT columns (high and low part)
                 tl.store(gq + p_o, b_g.to(gq.dtype.element_ty), mask=mask_t[:, None])
                 w_hi = b_w.to(DOT).to(tl.float32)
@@ -477,7 +476,7 @@ def _parallel_fwd(
     backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward: ``(o [B, T, H, Dv], S [N, H, M, Dv], z [N, H, M], den [B * T, H], res)``; ``den`` and ``res``
-    (``o``'s rounding residual, like ``o``; empty unless ``keeps_residual``) are for the backward."""
+    (``o``'s rounding residual, int8 of ``o``'s shape; empty unless ``keeps_residual``) are for the backward."""
     q = tuple(_flat(x) for x in q)
     k = tuple(_flat(x) for x in k)
     v = _flat(v)
@@ -492,7 +491,7 @@ def _parallel_fwd(
     _build_state(k, v, S, z, seqs, w_mode=1)
     o = empty(v.shape, v.dtype, v.device)
     den = empty((B * T, H), torch.float32, v.device)
-    res = empty(v.shape, v.dtype, v.device) if keeps_residual(v.dtype, normalize, backward) else v.new_empty(0)
+    res = residual(o, keeps_residual(v.dtype, normalize, backward))
     R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
     x1, x2, x3 = factors3(q)
     DOT, PREC = dot_config(v.dtype)
@@ -514,7 +513,7 @@ parallel_fwd = torch.library.custom_op("hadamard_attn::parallel_fwd", _parallel_
 
 @parallel_fwd.register_fake
 def _(q, k, v, S0, z0, cu_seqlens, normalize, eps, backward):
-    res = torch.empty_like(v) if keeps_residual(v.dtype, normalize, backward) else v.new_empty(0)
+    res = residual(v, keeps_residual(v.dtype, normalize, backward))
     return (*fake_forward_outputs(q, v, cu_seqlens), res)
 
 

@@ -104,7 +104,7 @@ def check_cache(device, dtype, layers, widths, prefill, decode, pad) -> bool:
 def time_generate(device, layers, widths, prefill, n) -> None:
     model = build(device, torch.bfloat16, layers, widths, "auto").eval()
     ids = inputs(device, prefill, 0)[0][:1]
-    model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up (compiles, autotunes)
+    model.generate(ids, max_new_tokens=n, do_sample=False)  # warm-up, as long as the timed run (compiles, autotunes)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -182,10 +182,9 @@ def test_autotuning_keys_are_plain_values(monkeypatch):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_output_residual_restores_the_fp32_output(causal, dtype):
-    """A 16-bit forward that a backward follows keeps ``o``'s rounding residual (int8, ``store_output``): ``o`` with
-    it is the fp32 output to about 2^-15 (the backward's ``w = -sum(g * o)`` needs it: with the rounded ``o`` a P = 3
-    query gradient was off by 4.9e-2 on the H100); without a backward there is none."""
-    utils = sys.modules["hadamard_attn.ops.triton.utils"]
+    """A 16-bit forward that a backward follows keeps ``o``'s rounding residual (``store_output``): ``o`` plus it is
+    the fp32 output (the backward's ``w = -sum(g * o)`` needs it: with the rounded ``o`` a P = 3 query gradient was
+    off by 4.9e-2 on the H100); without a backward there is none."""
     module = sys.modules[f"hadamard_attn.ops.triton.{'chunk' if causal else 'parallel'}"]
     fwd = module._chunk_fwd if causal else module._parallel_fwd
     extra = (16,) if causal else ()  # the chunk size
@@ -194,9 +193,9 @@ def test_output_residual_restores_the_fp32_output(causal, dtype):
     v = v.detach().to(dtype)
     o, *_, res = fwd(q, k, v, None, None, None, True, 1e-6, *extra, True)
     ref, _ = naive_hadamard_attn(*[[x.double() for x in f] for f in (q, k)], v.double(), causal, True, 1e-6)
-    assert res.dtype == torch.int8 and res.shape == o.shape
-    restored = o.double() * (1 + res.double() * utils.RESIDUAL_STEP.value)
-    assert rel(restored, ref) < 4e-5 and rel(restored, ref) < rel(o, ref) / 8, (rel(restored, ref), rel(o, ref))
+    assert res.dtype == o.dtype and res.shape == o.shape
+    restored = o.double() + res.double()
+    assert rel(restored, ref) < 3e-5 and rel(restored, ref) < rel(o, ref) / 50, (rel(restored, ref), rel(o, ref))
     assert fwd(q, k, v, None, None, None, True, 1e-6, *extra, False)[-1].numel() == 0
 
 

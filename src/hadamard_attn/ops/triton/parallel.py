@@ -203,8 +203,8 @@ def readout_kernel(
     BV: tl.constexpr,
 ):
     """``o = phi(x) S / (phi(x) z + eps)`` for a block of tokens; stores ``den = phi(x) z`` too (fp32 ``[TT, H]``)
-    and, with ``RES``, what rounding ``o`` to its dtype dropped (``res``, int8, see ``store_output``: the fp32 output
-    to about 15 bits, for the backward's ``w``).
+    and, with ``RES``, what rounding ``o`` to its dtype dropped (``res``, same dtype: with ``o`` the fp32 output to
+    about 16 bits, for the backward's ``w``).
 
     ``Sz [N, H, M, DV + 16]`` in ``DOT``: ``S``, then ``z`` split in two columns (high and low part), then zeros;
     divided by ``scale [N, H]`` if ``HAS_SCALE``. Grid: (token blocks, Dv tiles, H).
@@ -476,7 +476,7 @@ def _parallel_fwd(
     backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward: ``(o [B, T, H, Dv], S [N, H, M, Dv], z [N, H, M], den [B * T, H], res)``; ``den`` and ``res``
-    (``o``'s rounding residual, int8 of ``o``'s shape; empty unless ``keeps_residual``) are for the backward."""
+    (``o``'s rounding residual, like ``o``; empty unless ``keeps_residual``) are for the backward."""
     q = tuple(_flat(x) for x in q)
     k = tuple(_flat(x) for x in k)
     v = _flat(v)

@@ -7,7 +7,8 @@ registers, never in memory):
     o = phi(Q) S / (phi(Q) z + eps)                                        (``readout_kernel``)
 
 Backward, with ``g = do / (den + eps)`` rounded to the dot dtype (stored once, as every dot reads it) and
-``w = -sum(g * o)`` per token (``o`` unrounded: the forward keeps its rounding residual for the backward):
+``w = -sum(g * o) = -sum(phi(Q) * g S^T) / (den + eps)`` per token (from the query pass's own ``g S^T``, so that
+the two terms of ``dphi(Q)`` cancel where they must; the output is not saved):
 
     dphi(Q) = g S^T + w z^T   -> dq_f                                      (``token_bwd_kernel``, queries)
     dS = dS_final + phi(Q)^T g,   dz = dz_final + phi(Q)^T w               (``state_kernel``)
@@ -37,7 +38,6 @@ from .utils import (
     factors3,
     fake_forward_outputs,
     interpreting,
-    keeps_residual,
     kr_block,
     kr_state_grads,
     kr_tile,
@@ -45,13 +45,10 @@ from .utils import (
     kr_tile_t,
     launch,
     length_class,
-    load_output,
-    residual,
     seq_bounds,
     seq_of,
     sequences,
     store_factor_grad,
-    store_output,
     tile_count,
     traced,
     upstream_grads,
@@ -178,7 +175,6 @@ def readout_kernel(
     Sz,
     scale,
     o,
-    res,
     den,
     cu_seqlens,
     seq_ids,
@@ -195,16 +191,14 @@ def readout_kernel(
     NORMALIZE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    RES: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
     BT: tl.constexpr,
     BM: tl.constexpr,
     BV: tl.constexpr,
 ):
-    """``o = phi(x) S / (phi(x) z + eps)`` for a block of tokens; stores ``den = phi(x) z`` too (fp32 ``[TT, H]``)
-    and, with ``RES``, what rounding ``o`` to its dtype dropped (``res``, same dtype: with ``o`` the fp32 output to
-    about 16 bits, for the backward's ``w``).
+    """``o = phi(x) S / (phi(x) z + eps)`` for a block of tokens; stores ``den = phi(x) z`` too (fp32 ``[TT, H]``,
+    for the backward).
 
     ``Sz [N, H, M, DV + 16]`` in ``DOT``: ``S``, then ``z`` split in two columns (high and low part), then zeros;
     divided by ``scale [N, H]`` if ``HAS_SCALE``. Grid: (token blocks, Dv tiles, H).
@@ -247,7 +241,7 @@ def readout_kernel(
             b_den = tl.sum(dacc, 1)  # [BT]
             acc = acc / (b_den + eps)[:, None]
             tl.store(den + rows, b_den, mask=mask_t & (i_v == 0))
-        store_output(o, res, rows[:, None] * DV + o_v[None, :], acc, mask_t[:, None], RES)
+        tl.store(o + rows[:, None] * DV + o_v[None, :], acc.to(o.dtype.element_ty), mask=mask_t[:, None])
 
 
 @autotuned(
@@ -265,8 +259,6 @@ def token_bwd_kernel(
     x2,
     x3,
     g,
-    o,
-    res,
     den,
     w,
     gq,
@@ -293,7 +285,6 @@ def token_bwd_kernel(
     NORMALIZE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    RES: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
     BT: tl.constexpr,
@@ -301,18 +292,20 @@ def token_bwd_kernel(
 ):
     """Gradient of the factors on one side, for a block of tokens: ``dphi(x) = G S^T + w z^T`` -> ``dx_f``.
 
-    Queries (``QUERY``): ``G = do / (den + eps)`` rounded to ``DOT`` (as the dot reads it), ``w = -sum(G * o)``
-    (``do``, 0 without ``NORMALIZE``), ``o`` with its rounding residual ``res`` if ``RES``: ``w`` consistent with
-    the dot, whose sum with ``w z^T`` cancels (H100, (16, 16, 16) bf16, T = 16,384: ``dq`` 4.9e-2 with the rounded
-    ``o`` and ``g``; a float64 model of the two roundings gives 4.8e-2, of this form 3.5e-3); for the state
-    gradient, ``G`` is stored to ``gq`` and ``w`` as ``[TT, H, 16]`` columns. Keys: ``G = v``,
-    ``w = 1``, and ``dv = phi(x) S`` is stored too. ``S`` (in ``DOT``, divided by ``scale``), ``z`` are the final
-    state (queries) or its gradient (keys). A program owns its rows: ``dx_f`` (and ``dv``) are summed in registers
-    and stored once, in the inputs' dtype. Grid: (token blocks, H).
+    Queries (``QUERY``): ``G = do / (den + eps)`` rounded to ``DOT`` (as the dot reads it) and
+    ``w = -sum(G * o) = -sum(phi(x) * G S^T) / (den + eps)`` (``do``, 0 without ``NORMALIZE``). ``w`` comes out of
+    the same pass over the state as ``G S^T``, from the same rounded operands: the factor gradients of ``G S^T`` and
+    of ``z^T`` are summed apart and combined once ``w`` is known, and ``dphi`` in the direction of ``phi`` cancels
+    to fp32 rounding (an ``o`` rounded to bf16 in ``w`` gave ``dq`` 4.9e-2 for (16, 16, 16) bf16 at T = 16,384 on
+    the H100, and no output residual is kept). For the state gradient, ``G`` is stored to ``gq`` and ``w`` as
+    ``[TT, H, 16]`` columns. Keys: ``G = v``, ``w = 1``, and ``dv = phi(x) S`` is stored too. ``S`` (in ``DOT``,
+    divided by ``scale``), ``z`` are the final state (queries) or its gradient (keys). A program owns its rows:
+    ``dx_f`` (and ``dv``) are summed in registers and stored once, in the inputs' dtype. Grid: (token blocks, H).
     """
     W1: tl.constexpr = at_least(R1, 16)  # register widths of the factor gradients
     W2: tl.constexpr = at_least(R2, 16)
     W3: tl.constexpr = at_least(R3, 16)
+    SPLIT_Z: tl.constexpr = QUERY and NORMALIZE
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     M: tl.constexpr = R1 * R2 * R3
     o_t = i_t * BT + tl.arange(0, BT)
@@ -325,35 +318,35 @@ def token_bwd_kernel(
         base = (n * H + i_h).to(tl.int64)
         # [BT, DV]
         b_g = tl.load(g + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0).to(tl.float32)
-        if QUERY:
-            if NORMALIZE:
-                b_g = b_g * (1.0 / (tl.load(den + rows, mask=mask_t, other=0) + eps))[:, None]
-                if DOT == tl.float16:
-                    # do / eps on a query without features (den = 0) is beyond fp16's range: clamped, so that its
-                    # zero features carry 0 (not inf * 0 = NaN) into the state gradient
-                    b_g = tl.clamp(b_g, -65504.0, 65504.0)
-                b_g = b_g.to(DOT).to(tl.float32)
-                p_o = rows[:, None] * DV + o_v[None, :]
-                b_w = -tl.sum(b_g * load_output(o, res, p_o, mask_t[:, None], RES), 1)  # [BT]
-                # for the state gradient: G, and w as two DOT columns (high and low part)
-                tl.store(gq + p_o, b_g.to(gq.dtype.element_ty), mask=mask_t[:, None])
-                w_hi = b_w.to(DOT).to(tl.float32)
-                o_c = tl.arange(0, 16)
-                b_wm = tl.where(o_c[None, :] == 0, w_hi[:, None], tl.where(o_c[None, :] == 1, (b_w - w_hi)[:, None], 0))
-                tl.store(w + rows[:, None] * 16 + o_c[None, :], b_wm.to(w.dtype.element_ty), mask=mask_t[:, None])
-            else:
-                b_w = tl.zeros([BT], dtype=tl.float32)
-        else:
-            b_w = tl.full([BT], 1.0, dtype=tl.float32)
+        b_w = tl.full([BT], 0.0 if QUERY else 1.0, dtype=tl.float32)  # the keys' w = 1 (queries: SPLIT_Z or 0)
+        b_den = tl.zeros([BT], dtype=tl.float32)
+        if SPLIT_Z:
+            b_den = tl.load(den + rows, mask=mask_t, other=0) + eps
+            b_g = b_g * (1.0 / b_den)[:, None]
+            if DOT == tl.float16:
+                # do / eps on a query without features (den = 0) is beyond fp16's range: clamped, so that its
+                # zero features carry 0 (not inf * 0 = NaN) into the state gradient
+                b_g = tl.clamp(b_g, -65504.0, 65504.0)
+            b_g = b_g.to(DOT).to(tl.float32)
+            tl.store(gq + rows[:, None] * DV + o_v[None, :], b_g.to(gq.dtype.element_ty), mask=mask_t[:, None])
         # dphi = sc (G S^T + (w / sc) z^T): the gradients are summed unscaled, then multiplied by sc
         sc = 1.0
         if HAS_SCALE:
             sc = tl.load(scale + n * H + i_h)
-            b_w = b_w / sc
-        g1, g2, g3, b_dv = kr_state_grads(
-            x1, x2, x3, rows, mask_t, b_g, b_w, S + base * (M * DV), z + base * M,
-            DV, R1, R2, R3, W1, W2, W3, P, BT, BM, PREC, not QUERY,
+        g1, g2, g3, b_dv, phi_dphi, z1, z2, z3 = kr_state_grads(
+            x1, x2, x3, rows, mask_t, b_g, b_w / sc, S + base * (M * DV), z + base * M,
+            DV, R1, R2, R3, W1, W2, W3, P, BT, BM, PREC, not QUERY, SPLIT_Z,
         )  # fmt: skip
+        if SPLIT_Z:
+            # w = -sum(G * o), o = phi S sc / (den + eps); stored as two DOT columns (high and low part)
+            b_w = -phi_dphi * sc / b_den
+            g1 += (b_w / sc)[:, None] * z1
+            g2 += (b_w / sc)[:, None] * z2
+            g3 += (b_w / sc)[:, None] * z3
+            w_hi = b_w.to(DOT).to(tl.float32)
+            o_c = tl.arange(0, 16)
+            b_wm = tl.where(o_c[None, :] == 0, w_hi[:, None], tl.where(o_c[None, :] == 1, (b_w - w_hi)[:, None], 0))
+            tl.store(w + rows[:, None] * 16 + o_c[None, :], b_wm.to(w.dtype.element_ty), mask=mask_t[:, None])
         store_factor_grad(dx1, rows, mask_t, g1 * sc, R1, W1)
         if P >= 2:
             store_factor_grad(dx2, rows, mask_t, g2 * sc, R2, W2)
@@ -442,7 +435,7 @@ def _build_state(x, v, S, z, seqs, w_mode, w=None):
     )  # fmt: skip
 
 
-def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, res=None, den=None, w=None, gq=None, dv=None):
+def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, den=None, w=None, gq=None, dv=None):
     """Factor gradients ``dx_f`` of one side, in the factors' dtype; see ``token_bwd_kernel``."""
     B, T, H, Dv = g.shape
     R1, R2, R3 = widths3(tuple(t.shape[-1] for t in x))
@@ -453,13 +446,11 @@ def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, o=None, res=None,
     TT = B * T
     launch(
         token_bwd_kernel, lambda meta: (cdiv(TT, meta["BT"]), H),
-        x1, x2, x3, g, o if o is not None else g, res if res is not None and res.numel() else g,
-        den if den is not None else g, w if w is not None else g, gq if gq is not None else g,
+        x1, x2, x3, g, den if den is not None else g, w if w is not None else g, gq if gq is not None else g,
         S, scale if scale is not None else z, z, d1, d2, d3, dv if dv is not None else g,
         seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
         LENGTH_CLASS=length_class(TT), H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(x), QUERY=query,
-        NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN, HAS_SCALE=scale is not None,
-        RES=res is not None and res.numel() > 0, DOT=DOT, PREC=PREC,
+        NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN, HAS_SCALE=scale is not None, DOT=DOT, PREC=PREC,
     )  # fmt: skip
     return dx
 
@@ -473,10 +464,8 @@ def _parallel_fwd(
     cu_seqlens: torch.Tensor | None,
     normalize: bool,
     eps: float,
-    backward: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward: ``(o [B, T, H, Dv], S [N, H, M, Dv], z [N, H, M], den [B * T, H], res)``; ``den`` and ``res``
-    (``o``'s rounding residual, like ``o``; empty unless ``keeps_residual``) are for the backward."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward: ``(o [B, T, H, Dv], S [N, H, M, Dv], z [N, H, M], den [B * T, H])``; ``den`` is for the backward."""
     q = tuple(_flat(x) for x in q)
     k = tuple(_flat(x) for x in k)
     v = _flat(v)
@@ -491,7 +480,6 @@ def _parallel_fwd(
     _build_state(k, v, S, z, seqs, w_mode=1)
     o = empty(v.shape, v.dtype, v.device)
     den = empty((B * T, H), torch.float32, v.device)
-    res = residual(o, keeps_residual(v.dtype, normalize, backward))
     R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
     x1, x2, x3 = factors3(q)
     DOT, PREC = dot_config(v.dtype)
@@ -499,30 +487,27 @@ def _parallel_fwd(
     scale = _range_scale(S, z, v.dtype)
     launch(
         readout_kernel, lambda meta: (cdiv(TT, meta["BT"]), cdiv(Dv, min(meta["BV"], Dv)), H),
-        x1, x2, x3, _with_z(S, z, scale, v.dtype), scale if scale is not None else z, o, res if res.numel() else o,
+        x1, x2, x3, _with_z(S, z, scale, v.dtype), scale if scale is not None else z, o,
         den,
         seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
         LENGTH_CLASS=length_class(TT), H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), NORMALIZE=normalize,
-        IS_VARLEN=seqs.IS_VARLEN, HAS_SCALE=scale is not None, RES=res.numel() > 0, DOT=DOT, PREC=PREC,
+        IS_VARLEN=seqs.IS_VARLEN, HAS_SCALE=scale is not None, DOT=DOT, PREC=PREC,
     )  # fmt: skip
-    return o, S, z, den, res
+    return o, S, z, den
 
 
 parallel_fwd = torch.library.custom_op("hadamard_attn::parallel_fwd", _parallel_fwd, mutates_args=())
 
 
 @parallel_fwd.register_fake
-def _(q, k, v, S0, z0, cu_seqlens, normalize, eps, backward):
-    res = residual(v, keeps_residual(v.dtype, normalize, backward))
-    return (*fake_forward_outputs(q, v, cu_seqlens), res)
+def _(q, k, v, S0, z0, cu_seqlens, normalize, eps):
+    return fake_forward_outputs(q, v, cu_seqlens)
 
 
 def _parallel_bwd(
     q: list[torch.Tensor],
     k: list[torch.Tensor],
     v: torch.Tensor,
-    o: torch.Tensor,
-    res: torch.Tensor,
     den: torch.Tensor,
     S: torch.Tensor,
     z: torch.Tensor,
@@ -543,7 +528,7 @@ def _parallel_bwd(
     scale = _range_scale(S, z, v.dtype)
     S_dot = _dot_state(S, scale, v.dtype)
     gq = empty(v.shape, dot_dtype(v.dtype), v.device) if normalize else do  # do / (den + eps) as the dots read it
-    dq = _token_bwd(q, do, S_dot, scale, z, seqs, True, normalize, eps, o=o, res=res, den=den, w=w, gq=gq)
+    dq = _token_bwd(q, do, S_dot, scale, z, seqs, True, normalize, eps, den=den, w=w, gq=gq)
     # gradient of the state: upstream + phi(Q)^T [g | w]
     if dS is None:
         dS_tot, dz_tot = torch.zeros_like(S), torch.zeros_like(z)
@@ -562,7 +547,7 @@ parallel_bwd = torch.library.custom_op("hadamard_attn::parallel_bwd", _parallel_
 
 
 @parallel_bwd.register_fake
-def _(q, k, v, o, res, den, S, z, do, dS, dz, cu_seqlens, normalize, eps):
+def _(q, k, v, den, S, z, do, dS, dz, cu_seqlens, normalize, eps):
     return (
         [torch.empty_like(x) for x in q],
         [torch.empty_like(x) for x in k],
@@ -579,9 +564,8 @@ class ParallelHLA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, P, normalize, eps, cu_seqlens, v, S0, z0, *factors):
         q, k = list(factors[:P]), list(factors[P:])
-        backward = any(ctx.needs_input_grad)
-        o, S, z, den, res = traced(parallel_fwd, _parallel_fwd)(q, k, v, S0, z0, cu_seqlens, normalize, eps, backward)
-        ctx.save_for_backward(v, o, res, den, S, z, cu_seqlens, *factors)
+        o, S, z, den = traced(parallel_fwd, _parallel_fwd)(q, k, v, S0, z0, cu_seqlens, normalize, eps)
+        ctx.save_for_backward(v, den, S, z, cu_seqlens, *factors)
         ctx.cfg = (P, normalize, eps, S0 is not None)
         ctx.set_materialize_grads(False)  # an unused final state costs no zeros and copies
         return o, S, z
@@ -589,10 +573,10 @@ class ParallelHLA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dS, dz):
         P, normalize, eps, has_init = ctx.cfg
-        v, o, res, den, S, z, cu_seqlens, *factors = ctx.saved_tensors
-        do, dS, dz = upstream_grads(o, do, dS, dz)
+        v, den, S, z, cu_seqlens, *factors = ctx.saved_tensors
+        do, dS, dz = upstream_grads(v, do, dS, dz)  # v: the output's shape and dtype
         dq, dk, dv, dS0, dz0 = traced(parallel_bwd, _parallel_bwd)(
-            factors[:P], factors[P:], v, o, res, den, S, z, do, dS, dz, cu_seqlens, normalize, eps
+            factors[:P], factors[P:], v, den, S, z, do, dS, dz, cu_seqlens, normalize, eps
         )
         if not has_init:
             dS0 = dz0 = None

@@ -390,13 +390,16 @@ def kr_state_grads(
     x1, x2, x3, rows, mask_t, G, w, S, z,
     DV: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
     W3: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, WANT_DV: tl.constexpr,
+    SPLIT_Z: tl.constexpr,
 ):  # fmt: skip
     """Gradient through a state, over its Khatri-Rao tiles: ``dphi(x) = G S^T + w z^T`` -> the factor gradients
     ``g_f [BT, W_f]`` fp32 (``W_f >= R_f`` columns, a power of two; summed in registers, columns ``>= R_f``
     meaningless), and ``phi(x) S [BT, DV]`` fp32 if ``WANT_DV`` (else zeros).
 
     ``G [BT, DV]`` (cast to ``S``'s dtype for the dots), ``w [BT]`` fp32; ``S``, ``z``: pointers to one state
-    ``[M, DV]`` and ``[M]``.
+    ``[M, DV]`` and ``[M]``. With ``SPLIT_Z`` (``w`` not known yet, unused): ``g_f`` of ``G S^T`` alone, plus
+    ``sum(phi(x) * G S^T) [BT]`` and the factor gradients ``zg_f [BT, W_f]`` of the rows ``z^T``, for the caller's
+    ``g_f + w zg_f``. Returns ``(g_1, g_2, g_3, phi(x) S, sum, zg_1, zg_2, zg_3)``.
     """
     B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
     B2: tl.constexpr = kr_block(2, R1, R2, R3, BM)
@@ -409,6 +412,10 @@ def kr_state_grads(
     acc1 = tl.zeros([BT, W1 // B1, B1], dtype=tl.float32)
     acc2 = tl.zeros([BT, W2 // B2, B2], dtype=tl.float32)
     acc3 = tl.zeros([BT, W3 // B3, B3], dtype=tl.float32)
+    zacc1 = tl.zeros([BT, W1 // B1, B1], dtype=tl.float32)
+    zacc2 = tl.zeros([BT, W2 // B2, B2], dtype=tl.float32)
+    zacc3 = tl.zeros([BT, W3 // B3, B3], dtype=tl.float32)
+    phi_dphi = tl.zeros([BT], dtype=tl.float32)
     dv = tl.zeros([BT, DV], dtype=tl.float32)
     for i_m in range(NM):
         phi, a1, a2, a3, i1, i2, i3 = kr_tile(x1, x2, x3, rows, mask_t, i_m, BT, R1, R2, R3, B1, B2, B3, P)
@@ -417,7 +424,17 @@ def kr_state_grads(
         b_s = tl.load(S + o_m[:, None] * DV + o_v[None, :], mask=mask_m[:, None], other=0)  # [BMA, DV]
         b_z = tl.load(z + o_m, mask=mask_m, other=0)  # [BMA]
         # [BT, DV] @ [DV, BMA]
-        dphi = tl.dot(G, tl.trans(b_s), input_precision=PREC) + w[:, None] * b_z[None, :]
+        dphi = tl.dot(G, tl.trans(b_s), input_precision=PREC)
+        if SPLIT_Z:
+            phi_dphi += tl.sum(phi * dphi, 1)
+            z1, z2, z3 = kr_tile_grads(tl.broadcast_to(b_z[None, :], (BT, BMA)), a1, a2, a3, BT, B1, B2, B3, P)
+            zacc1 = add_block(zacc1, z1, i1, W1, B1)
+            if P >= 2:
+                zacc2 = add_block(zacc2, z2, i2, W2, B2)
+            if P == 3:
+                zacc3 = add_block(zacc3, z3, i3, W3, B3)
+        else:
+            dphi += w[:, None] * b_z[None, :]
         g1, g2, g3 = kr_tile_grads(dphi, a1, a2, a3, BT, B1, B2, B3, P)
         acc1 = add_block(acc1, g1, i1, W1, B1)
         if P >= 2:
@@ -426,7 +443,10 @@ def kr_state_grads(
             acc3 = add_block(acc3, g3, i3, W3, B3)
         if WANT_DV:
             dv += tl.dot(phi.to(b_s.dtype), b_s, input_precision=PREC)
-    return tl.reshape(acc1, (BT, W1)), tl.reshape(acc2, (BT, W2)), tl.reshape(acc3, (BT, W3)), dv
+    return (
+        tl.reshape(acc1, (BT, W1)), tl.reshape(acc2, (BT, W2)), tl.reshape(acc3, (BT, W3)), dv, phi_dphi,
+        tl.reshape(zacc1, (BT, W1)), tl.reshape(zacc2, (BT, W2)), tl.reshape(zacc3, (BT, W3)),
+    )  # fmt: skip
 
 
 @triton.jit
@@ -440,7 +460,8 @@ def store_factor_grad(dx, rows, mask_t, g, R: tl.constexpr, W: tl.constexpr):
 def upstream_grads(o: torch.Tensor, do, dS, dz):
     """The gradients of ``o, S, z`` an autograd backward receives without materialised zeros (its forward set
     ``set_materialize_grads(False)``): ``do`` zeros where None, and ``dS, dz`` both None (an unused final state,
-    which costs nothing) or both tensors (zeros for the one of the two that was not used)."""
+    which costs nothing) or both tensors (zeros for the one of the two that was not used); ``o``: the output, or
+    any tensor of its shape and dtype."""
     do = torch.zeros_like(o) if do is None else do
     if (dS is None) != (dz is None):
         dS = dz.new_zeros(*dz.shape, o.shape[-1]) if dS is None else dS

@@ -32,6 +32,7 @@ from .utils import (
     at_most,
     autotuned,
     cdiv,
+    den_factor_grads,
     dot_config,
     dot_dtype,
     empty,
@@ -294,12 +295,13 @@ def token_bwd_kernel(
 
     Queries (``QUERY``): ``G = do / (den + eps)`` rounded to ``DOT`` (as the dot reads it) and
     ``w = -sum(G * o) = -sum(phi(x) * G S^T) / (den + eps)`` (``do``, 0 without ``NORMALIZE``). ``w`` comes out of
-    the same pass over the state as ``G S^T``, from the same rounded operands: the factor gradients of ``G S^T`` and
-    of ``z^T`` are summed apart and combined once ``w`` is known, and ``dphi`` in the direction of ``phi`` cancels
-    to fp32 rounding (an ``o`` rounded to bf16 in ``w`` gave ``dq`` 4.9e-2 for (16, 16, 16) bf16 at T = 16,384 on
-    the H100, and no output residual is kept). For the state gradient, ``G`` is stored to ``gq`` and ``w`` as
-    ``[TT, H, 16]`` columns. Keys: ``G = v``, ``w = 1``, and ``dv = phi(x) S`` is stored too. ``S`` (in ``DOT``,
-    divided by ``scale``), ``z`` are the final state (queries) or its gradient (keys). A program owns its rows:
+    the same pass over the state as ``G S^T``, from the same rounded operands; the factor gradients of ``z^T``
+    (``den_factor_grads``, on the tensor cores) are added once ``w`` is known, and ``dphi`` in the direction of
+    ``phi`` cancels to fp32 rounding (``w`` from an ``o`` rounded to bf16 gave ``dq`` 4.9e-2 for (16, 16, 16) bf16
+    at T = 16,384 on the H100; no output residual is kept). For the state gradient, ``G`` is stored to ``gq`` and
+    ``w`` as ``[TT, H, 16]`` columns. Keys: ``G = v``, ``w = 1``, and ``dv = phi(x) S`` is stored too. ``S`` (in
+    ``DOT``, divided by ``scale``), ``z`` are the final state (queries) or its gradient (keys). A program owns its
+    rows:
     ``dx_f`` (and ``dv``) are summed in registers and stored once, in the inputs' dtype. Grid: (token blocks, H).
     """
     W1: tl.constexpr = at_least(R1, 16)  # register widths of the factor gradients
@@ -333,16 +335,19 @@ def token_bwd_kernel(
         sc = 1.0
         if HAS_SCALE:
             sc = tl.load(scale + n * H + i_h)
-        g1, g2, g3, b_dv, phi_dphi, z1, z2, z3 = kr_state_grads(
+        g1, g2, g3, b_dv, phi_dphi = kr_state_grads(
             x1, x2, x3, rows, mask_t, b_g, b_w / sc, S + base * (M * DV), z + base * M,
             DV, R1, R2, R3, W1, W2, W3, P, BT, BM, PREC, not QUERY, SPLIT_Z,
         )  # fmt: skip
         if SPLIT_Z:
             # w = -sum(G * o), o = phi S sc / (den + eps); stored as two DOT columns (high and low part)
             b_w = -phi_dphi * sc / b_den
-            g1 += (b_w / sc)[:, None] * z1
-            g2 += (b_w / sc)[:, None] * z2
-            g3 += (b_w / sc)[:, None] * z3
+            z1, z2, z3 = den_factor_grads(
+                x1, x2, x3, rows, mask_t, z + base * M, 1.0 / sc, R1, R2, R3, W1, W2, W3, P, BT, DOT, PREC
+            )  # fmt: skip
+            g1 += b_w[:, None] * z1
+            g2 += b_w[:, None] * z2
+            g3 += b_w[:, None] * z3
             w_hi = b_w.to(DOT).to(tl.float32)
             o_c = tl.arange(0, 16)
             b_wm = tl.where(o_c[None, :] == 0, w_hi[:, None], tl.where(o_c[None, :] == 1, (b_w - w_hi)[:, None], 0))

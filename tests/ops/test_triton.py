@@ -119,6 +119,32 @@ def test_parallel_half_gpu_dtypes(monkeypatch, dtype):
         assert rel(a, b) < 2e-2, f"gradient {i}: {rel(a, b):.2e}"
 
 
+@pytest.mark.parametrize("widths", [(16,), (4, 8), (4, 2, 4)])
+def test_parallel_query_gradient_cancels_in_bf16(monkeypatch, widths):
+    """bf16 as the GPU runs it (16-bit dots), queries against a long history (an initial state of 2^12 tokens):
+    ``dphi(Q) = g S^T + w z^T`` is a small difference of two large terms, so ``w`` must come from the same rounded
+    ``g S^T`` and ``phi . z`` as the ``z^T`` part, which keeps ``z`` to about 16 bits (``den_factor_grads``, two
+    bf16 parts). The query gradients stay within 1.5e-2 of float64 (5e-3 to 7e-3); P = 3 fails with ``z`` in one
+    bf16 part (3.8e-2) or with the forward's denominator in ``w`` (4.1e-2)."""
+    sixteen_bit_dots(monkeypatch, tp)
+    P = len(widths)
+    leaves = [x.detach() for x in make(1, 40, 2, widths, 16, 1, True)]
+    leaves[-2], leaves[-1] = leaves[-2] * 4096, (leaves[-1] + 1) * 4096  # S0, z0: a long history
+    leaves = [x.to(torch.bfloat16) if i <= 2 * P else x for i, x in enumerate(leaves)]
+    leaves = [x.requires_grad_(True) for x in leaves]
+    ref = [x.detach().double().requires_grad_(True) for x in leaves]
+
+    def run(fn, t):
+        return fn(tuple(t[:P]), tuple(t[P : 2 * P]), t[2 * P], False, True, 1e-6, tuple(t[-2:]), False, None)[0]
+
+    o, o_ref = run(hla_triton.triton_hadamard_attn, leaves), run(naive_hadamard_attn, ref)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    dq = torch.autograd.grad((o.float() * do).sum(), leaves[:P])
+    dq_ref = torch.autograd.grad((o_ref * do.double()).sum(), ref[:P])
+    for f, (a, b) in enumerate(zip(dq, dq_ref)):
+        assert rel(a, b) < 1.5e-2, f"dq{f}: {rel(a, b):.2e}"
+
+
 def test_launch_memoises_the_autotuners_choice(monkeypatch):
     """``launch`` runs the autotuner once per key and device, then launches its choice directly; new configs reset."""
     import triton

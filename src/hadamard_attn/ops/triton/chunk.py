@@ -552,7 +552,7 @@ def side_grads(
         G, b_w = b_v, tl.full([C], 1.0, tl.float32)
     else:
         G = b_g
-    h1, h2, h3, b_dv, _ = kr_state_grads(
+    h1, h2, h3, b_dv, _, _ = kr_state_grads(
         x1, x2, x3, rows, mask_t, G, b_w, hs + base * DV, hz + base,
         DV, R1, R2, R3, RP1, RP2, RP3, P, C, BM, PREC, KEYS, False,
     )  # fmt: skip

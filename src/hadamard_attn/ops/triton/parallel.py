@@ -335,13 +335,16 @@ def token_bwd_kernel(
         sc = 1.0
         if HAS_SCALE:
             sc = tl.load(scale + n * H + i_h)
-        g1, g2, g3, b_dv, phi_dphi = kr_state_grads(
+        g1, g2, g3, b_dv, phi_dphi, phi_z = kr_state_grads(
             x1, x2, x3, rows, mask_t, b_g, b_w / sc, S + base * (M * DV), z + base * M,
             DV, R1, R2, R3, W1, W2, W3, P, BT, BM, PREC, not QUERY, SPLIT_Z,
         )  # fmt: skip
         if SPLIT_Z:
-            # w = -sum(G * o), o = phi S sc / (den + eps); stored as two DOT columns (high and low part)
-            b_w = -phi_dphi * sc / b_den
+            # w = -sum(G * o) = -sum(phi * G S^T) sc / (den + eps), with den = phi . z summed here from the same
+            # phi and z as the z^T part below (not the forward's den, from phi rounded to DOT): dphi's component
+            # along phi then cancels exactly (the forward's den: bf16 P = 3 dq 4e-2 against 1e-2 in
+            # test_parallel_query_gradient_cancels_in_bf16); stored as two DOT columns (high and low part)
+            b_w = -phi_dphi * sc / (phi_z + eps)
             z1, z2, z3 = den_factor_grads(
                 x1, x2, x3, rows, mask_t, z + base * M, 1.0 / sc, R1, R2, R3, W1, W2, W3, P, BT, DOT, PREC
             )  # fmt: skip

@@ -398,8 +398,8 @@ def kr_state_grads(
 
     ``G [BT, DV]`` (cast to ``S``'s dtype for the dots), ``w [BT]`` fp32; ``S``, ``z``: pointers to one state
     ``[M, DV]`` and ``[M]``. With ``SPLIT_Z`` (``w`` not known yet, unused): ``g_f`` of ``G S^T`` alone, and
-    ``sum(phi(x) * G S^T) [BT]`` (else zeros), for the caller's ``g_f + w zg_f`` (``den_factor_grads``).
-    Returns ``(g_1, g_2, g_3, phi(x) S, sum)``.
+    ``sum(phi(x) * G S^T)``, ``phi(x) . z`` (``[BT]``, else zeros), for the caller's ``g_f + w zg_f``
+    (``den_factor_grads``). Returns ``(g_1, g_2, g_3, phi(x) S, sum, phi(x) . z)``.
     """
     B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
     B2: tl.constexpr = kr_block(2, R1, R2, R3, BM)
@@ -413,6 +413,7 @@ def kr_state_grads(
     acc2 = tl.zeros([BT, W2 // B2, B2], dtype=tl.float32)
     acc3 = tl.zeros([BT, W3 // B3, B3], dtype=tl.float32)
     phi_dphi = tl.zeros([BT], dtype=tl.float32)
+    phi_z = tl.zeros([BT], dtype=tl.float32)
     dv = tl.zeros([BT, DV], dtype=tl.float32)
     for i_m in range(NM):
         phi, a1, a2, a3, i1, i2, i3 = kr_tile(x1, x2, x3, rows, mask_t, i_m, BT, R1, R2, R3, B1, B2, B3, P)
@@ -424,6 +425,7 @@ def kr_state_grads(
         dphi = tl.dot(G, tl.trans(b_s), input_precision=PREC)
         if SPLIT_Z:
             phi_dphi += tl.sum(phi * dphi, 1)
+            phi_z += tl.sum(phi * b_z[None, :], 1)
         else:
             dphi += w[:, None] * b_z[None, :]
         g1, g2, g3 = kr_tile_grads(dphi, a1, a2, a3, BT, B1, B2, B3, P)
@@ -434,7 +436,7 @@ def kr_state_grads(
             acc3 = add_block(acc3, g3, i3, W3, B3)
         if WANT_DV:
             dv += tl.dot(phi.to(b_s.dtype), b_s, input_precision=PREC)
-    return tl.reshape(acc1, (BT, W1)), tl.reshape(acc2, (BT, W2)), tl.reshape(acc3, (BT, W3)), dv, phi_dphi
+    return tl.reshape(acc1, (BT, W1)), tl.reshape(acc2, (BT, W2)), tl.reshape(acc3, (BT, W3)), dv, phi_dphi, phi_z
 
 
 @triton.jit

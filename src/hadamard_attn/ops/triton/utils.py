@@ -111,9 +111,10 @@ def length_class(tokens: int) -> int:
 
 
 def keeps_residual(dtype: torch.dtype, normalize: bool, backward: bool) -> bool:
-    """Whether a forward keeps its output's rounding residual (``store_output``): for a ``backward`` (some input
-    needs a gradient) of a normalised 16-bit output. It costs one more output-sized tensor saved for the backward
-    and its store (H100, (32, 32), N = 32,760: about 0.07 ms of a 0.6 ms forward)."""
+    """Whether a causal forward keeps its output's rounding residual (``store_output``): for a ``backward`` (some
+    input needs a gradient) of a normalised 16-bit output. It costs one more output-sized tensor saved for the
+    backward and its store (the non-causal read-out's cost it about 0.07 ms of a 0.6 ms forward on the H100 at
+    (32, 32), N = 32,760, before its backward took ``w`` from its own pass over the state instead)."""
     return backward and normalize and dtype != torch.float32
 
 
@@ -362,8 +363,8 @@ def store_output(o, res, offs, acc, mask, RES: tl.constexpr):
     """``o[offs] = acc`` (fp32) in ``o``'s dtype; with ``RES``, ``res[offs]`` = what that rounding dropped, in the same
     dtype (``load_output``: ``acc`` to about 16 bits). The backward's ``w = -sum(g * o)`` cancels against ``g S^T``
     and must see the output the dots saw: with the rounded ``o`` a P = 3 query gradient was off by 4.9e-2 (H100).
-    (An int8 residual relative to the rounded output, half the bytes, made the read-out slower, not faster: 0.44
-    against 0.30 ms on the H100 at (32, 32), N = 32,760.)"""
+    (An int8 residual relative to the rounded output, half the bytes, made the non-causal read-out that used it
+    slower, not faster: 0.44 against 0.30 ms on the H100 at (32, 32), N = 32,760.)"""
     b_o = acc.to(o.dtype.element_ty)
     tl.store(o + offs, b_o, mask=mask)
     if RES:

@@ -60,7 +60,6 @@ from .utils import (
     autotuned,
     cdiv,
     dot_config,
-    dot_dtype,
     dummy,
     empty,
     factor_block,
@@ -666,15 +665,12 @@ def _chunk_index(cu_seqlens: torch.Tensor | None, seqs, C: int, device):
     return NT, offsets.to(**i32), chunk_seq.to(**i32), chunk_tok.to(**i32)
 
 
-def _states_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the per-chunk states: that of the tensor-core operands for bf16, else fp32 (fp16's range is too
-    small for a long sequence's state)."""
-    return dot_dtype(dtype) if dtype == torch.bfloat16 else torch.float32
-
-
-def _chunk_states(NT: int, H: int, M: int, Dv: int, dtype: torch.dtype, device) -> State:
-    """Empty per-chunk states ``(hs [NT, H, M, Dv], hz [NT, H, M])`` for inputs of ``dtype``."""
-    return empty((NT, H, M, Dv), _states_dtype(dtype), device), empty((NT, H, M), torch.float32, device)
+def _chunk_states(NT: int, H: int, M: int, Dv: int, DOT: tl.dtype, device) -> State:
+    """Empty per-chunk states ``(hs [NT, H, M, Dv], hz [NT, H, M])`` for dots in ``DOT``: ``hs`` in bf16 for bf16
+    dots (the dtype the tensor cores read anyway), else fp32 (fp16's range is too small for a long sequence's
+    state)."""
+    hs_dtype = torch.bfloat16 if DOT == tl.bfloat16 else torch.float32
+    return empty((NT, H, M, Dv), hs_dtype, device), empty((NT, H, M), torch.float32, device)
 
 
 def _state_grid(widths: tuple[int, ...], Dv: int, NH: int, walks: int = 1):
@@ -712,7 +708,7 @@ def _chunk_fwd(
     M = math.prod(widths)
     DOT, PREC = dot_config(v.dtype)
     NT, chunk_offsets, chunk_seq, chunk_tok = index
-    hs, hz = _chunk_states(NT, H, M, Dv, v.dtype, v.device)
+    hs, hz = _chunk_states(NT, H, M, Dv, DOT, v.device)
     S = empty((seqs.N, H, M, Dv), torch.float32, v.device)
     z = empty((seqs.N, H, M), torch.float32, v.device)
     has_init = S0 is not None
@@ -781,21 +777,21 @@ def _chunk_bwd(
     index = _chunk_index(cu_seqlens, seqs, C, v.device)
     S0 = None if S0 is None else S0.float().contiguous()
     z0 = None if z0 is None else z0.float().contiguous()
+    DOT, PREC = dot_config(v.dtype)
     # d numerator and d denominator per token: g [B, T, H, Dv], w [B, T, H] (fp32)
     g = empty(v.shape, torch.float32, v.device)
     w = empty((B, T, H), torch.float32, v.device)
     BR = 16
     bwd_prep_kernel[(cdiv(B * T * H, BR),)](
         do.contiguous(), o.contiguous(), res if res.numel() else o, den, g, w, eps, B * T * H,
-        DV=Dv, NORMALIZE=normalize, RES=res.numel() > 0, ROUND=dot_dtype(v.dtype) == torch.bfloat16, BR=BR,
+        DV=Dv, NORMALIZE=normalize, RES=res.numel() > 0, ROUND=DOT == tl.bfloat16, BR=BR,
     )  # fmt: skip
     widths = tuple(x.shape[-1] for x in q)
     R1, R2, R3 = widths3(widths)
     M = math.prod(widths)
-    DOT, PREC = dot_config(v.dtype)
     NT, chunk_offsets, chunk_seq, chunk_tok = index
-    hs, hz = _chunk_states(NT, H, M, Dv, v.dtype, v.device)
-    dhs, dhz = _chunk_states(NT, H, M, Dv, v.dtype, v.device)
+    hs, hz = _chunk_states(NT, H, M, Dv, DOT, v.device)
+    dhs, dhz = _chunk_states(NT, H, M, Dv, DOT, v.device)
     has_ds = dS is not None
     dS = dS.float().contiguous() if has_ds else hz
     dz = dz.float().contiguous() if has_ds else hz

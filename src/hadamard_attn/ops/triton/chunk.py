@@ -669,7 +669,7 @@ def _chunk_states(NT: int, H: int, M: int, Dv: int, DOT: tl.dtype, device) -> St
     """Empty per-chunk states ``(hs [NT, H, M, Dv], hz [NT, H, M])`` for dots in ``DOT``: ``hs`` in bf16 for bf16
     dots (the dtype the tensor cores read anyway), else fp32 (fp16's range is too small for a long sequence's
     state)."""
-    hs_dtype = torch.bfloat16 if DOT == tl.bfloat16 else torch.float32
+    hs_dtype = torch.bfloat16 if DOT is tl.bfloat16 else torch.float32  # `is`: a tl.dtype's == costs us
     return empty((NT, H, M, Dv), hs_dtype, device), empty((NT, H, M), torch.float32, device)
 
 
@@ -784,7 +784,7 @@ def _chunk_bwd(
     BR = 16
     bwd_prep_kernel[(cdiv(B * T * H, BR),)](
         do.contiguous(), o.contiguous(), res if res.numel() else o, den, g, w, eps, B * T * H,
-        DV=Dv, NORMALIZE=normalize, RES=res.numel() > 0, ROUND=DOT == tl.bfloat16, BR=BR,
+        DV=Dv, NORMALIZE=normalize, RES=res.numel() > 0, ROUND=DOT is tl.bfloat16, BR=BR,
     )  # fmt: skip
     widths = tuple(x.shape[-1] for x in q)
     R1, R2, R3 = widths3(widths)

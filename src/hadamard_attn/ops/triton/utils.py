@@ -94,7 +94,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     another; the inputs' dtype decides the dot dtype, and every launch's tensors follow it).
     """
     chosen = kernel.__dict__.setdefault("_chosen", {})
-    key = (args[0].device, args[0].dtype, *(kwargs[k] for k in kernel.keys))
+    key = (args[0].device, args[0].dtype, *map(kwargs.__getitem__, kernel.keys))
     hit = chosen.get(key)
     if hit is not None and hit[0] is kernel.configs:
         kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **hit[1])

@@ -75,7 +75,6 @@ from .utils import (
     launch,
     load_output,
     register_wgmma_hazard,
-    residual,
     safe_configs,
     seq_bounds,
     sequences,
@@ -721,7 +720,7 @@ def _chunk_fwd(
     )  # fmt: skip
     o = empty(v.shape, v.dtype, v.device)
     den = empty((B * T, H), torch.float32, v.device)
-    res = residual(o, keeps_residual(v.dtype, normalize, backward))
+    res = empty(v.shape, v.dtype, v.device) if keeps_residual(v.dtype, normalize, backward) else v.new_empty(0)
     launch(
         chunk_output_kernel, lambda meta: (NT, cdiv(Dv, min(meta["BV"], Dv)), H),
         *factors3(q), *factors3(k), v, hs, hz, o, res if res.numel() else o, den,
@@ -740,7 +739,7 @@ chunk_fwd = torch.library.custom_op("hadamard_attn::chunk_fwd", _chunk_fwd, muta
 
 @chunk_fwd.register_fake
 def _(q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size, backward):
-    res = residual(v, keeps_residual(v.dtype, normalize, backward))
+    res = torch.empty_like(v) if keeps_residual(v.dtype, normalize, backward) else v.new_empty(0)
     return (*fake_forward_outputs(q, v, cu_seqlens), res)
 
 

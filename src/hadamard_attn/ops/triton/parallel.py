@@ -7,8 +7,8 @@ registers, never in memory):
     o = phi(Q) S / (phi(Q) z + eps)                                        (``readout_kernel``)
 
 Backward, with ``g = do / (den + eps)`` rounded to the dot dtype (stored once, as every dot reads it) and
-``w = -sum(g * o) = -sum(phi(Q) * g S^T) / (den + eps)`` per token (from the query pass's own ``g S^T``, so that
-the two terms of ``dphi(Q)`` cancel where they must; the output is not saved):
+``w = -sum(g * o) = -sum(phi(Q) * g S^T) / (phi(Q) . z + eps)`` per token (both sums from the query pass's own
+tiles, so that the two terms of ``dphi(Q)`` cancel where they must; the output is not saved):
 
     dphi(Q) = g S^T + w z^T   -> dq_f                                      (``token_bwd_kernel``, queries)
     dS = dS_final + phi(Q)^T g,   dz = dz_final + phi(Q)^T w               (``state_kernel``)
@@ -294,8 +294,8 @@ def token_bwd_kernel(
     """Gradient of the factors on one side, for a block of tokens: ``dphi(x) = G S^T + w z^T`` -> ``dx_f``.
 
     Queries (``QUERY``): ``G = do / (den + eps)`` rounded to ``DOT`` (as the dot reads it) and
-    ``w = -sum(G * o) = -sum(phi(x) * G S^T) / (den + eps)`` (``do``, 0 without ``NORMALIZE``). ``w`` comes out of
-    the same pass over the state as ``G S^T``, from the same rounded operands; the factor gradients of ``z^T``
+    ``w = -sum(G * o) = -sum(phi(x) * G S^T) / (phi(x) . z + eps)`` (``do``, 0 without ``NORMALIZE``). ``w`` comes
+    out of the same pass over the state as ``G S^T``, from the same rounded operands; the factor gradients of ``z^T``
     (``den_factor_grads``, on the tensor cores) are added once ``w`` is known, and ``dphi`` in the direction of
     ``phi`` cancels to fp32 rounding (``w`` from an ``o`` rounded to bf16 gave ``dq`` 4.9e-2 for (16, 16, 16) bf16
     at T = 16,384 on the H100; no output residual is kept). For the state gradient, ``G`` is stored to ``gq`` and
@@ -351,9 +351,14 @@ def token_bwd_kernel(
             g1 += b_w[:, None] * z1
             g2 += b_w[:, None] * z2
             g3 += b_w[:, None] * z3
-            w_hi = b_w.to(DOT).to(tl.float32)
+            w_st = b_w
+            if DOT == tl.float16:
+                # a query with tiny features can have |w| beyond fp16's range: clamped for the state gradient's
+                # columns (an inf high part and -inf low part made its head's dz, then every dk and dv, NaN)
+                w_st = tl.clamp(b_w, -65504.0, 65504.0)
+            w_hi = w_st.to(DOT).to(tl.float32)
             o_c = tl.arange(0, 16)
-            b_wm = tl.where(o_c[None, :] == 0, w_hi[:, None], tl.where(o_c[None, :] == 1, (b_w - w_hi)[:, None], 0))
+            b_wm = tl.where(o_c[None, :] == 0, w_hi[:, None], tl.where(o_c[None, :] == 1, (w_st - w_hi)[:, None], 0))
             tl.store(w + rows[:, None] * 16 + o_c[None, :], b_wm.to(w.dtype.element_ty), mask=mask_t[:, None])
         store_factor_grad(dx1, rows, mask_t, g1 * sc, R1, W1)
         if P >= 2:

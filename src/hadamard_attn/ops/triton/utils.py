@@ -90,11 +90,11 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     directly: the autotuner's own work per call (dictionaries of every argument, each tensor's dtype as text) cost
     about 55 us of host time a launch on an H100 host. Assigning ``kernel.configs`` (tests pin configs) resets it.
     The memo holds the autotuner's choice only (Triton's own cache still compiles per dtype and specialisation),
-    per device and dtype of the first argument (a config chosen on one GPU is not one ``safe_configs`` kept for
-    another; the inputs' dtype decides the dot dtype, and every launch's tensors follow it).
+    per device, dtype of the first argument and dot dtype (a config chosen on one GPU is not one ``safe_configs``
+    kept for another; the autotuner's own key has the tensors' dtypes, not the dot dtype).
     """
     chosen = kernel.__dict__.setdefault("_chosen", {})
-    key = (args[0].device, args[0].dtype, *map(kwargs.__getitem__, kernel.keys))
+    key = (args[0].device, args[0].dtype, kwargs.get("DOT"), *map(kwargs.__getitem__, kernel.keys))
     hit = chosen.get(key)
     if hit is not None and hit[0] is kernel.configs:
         kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **hit[1])
@@ -113,8 +113,8 @@ def length_class(tokens: int) -> int:
 def keeps_residual(dtype: torch.dtype, normalize: bool, backward: bool) -> bool:
     """Whether a causal forward keeps its output's rounding residual (``store_output``): for a ``backward`` (some
     input needs a gradient) of a normalised 16-bit output. It costs one more output-sized tensor saved for the
-    backward and its store (the non-causal read-out's cost it about 0.07 ms of a 0.6 ms forward on the H100 at
-    (32, 32), N = 32,760, before its backward took ``w`` from its own pass over the state instead)."""
+    backward and its store (in the non-causal read-out, before its backward took ``w`` from its own pass over the
+    state instead, that store cost about 0.07 ms of a 0.6 ms forward on the H100 at (32, 32), N = 32,760)."""
     return backward and normalize and dtype != torch.float32
 
 
@@ -365,8 +365,8 @@ def store_output(o, res, offs, acc, mask, RES: tl.constexpr):
     """``o[offs] = acc`` (fp32) in ``o``'s dtype; with ``RES``, ``res[offs]`` = what that rounding dropped, in the same
     dtype (``load_output``: ``acc`` to about 16 bits). The backward's ``w = -sum(g * o)`` cancels against ``g S^T``
     and must see the output the dots saw: with the rounded ``o`` a P = 3 query gradient was off by 4.9e-2 (H100).
-    (An int8 residual relative to the rounded output, half the bytes, made the non-causal read-out that used it
-    slower, not faster: 0.44 against 0.30 ms on the H100 at (32, 32), N = 32,760.)"""
+    (An int8 residual relative to the rounded output, half the bytes, made the non-causal read-out, which kept a
+    residual then, slower, not faster: 0.44 against 0.30 ms on the H100 at (32, 32), N = 32,760.)"""
     b_o = acc.to(o.dtype.element_ty)
     tl.store(o + offs, b_o, mask=mask)
     if RES:
@@ -380,12 +380,6 @@ def load_output(o, res, offs, mask, RES: tl.constexpr):
     if RES:
         b_o += tl.load(res + offs, mask=mask, other=0).to(tl.float32)
     return b_o
-
-
-def residual(o: torch.Tensor, keep: bool) -> torch.Tensor:
-    """The buffer of ``o``'s rounding residual (``store_output``): like ``o`` if ``keep`` (``keeps_residual``), else
-    empty; also the fake implementations'."""
-    return torch.empty_like(o) if keep else o.new_empty(0)
 
 
 @triton.jit
@@ -449,10 +443,11 @@ def den_factor_grads(
     P: tl.constexpr, BT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """The factor gradients ``zg_f [BT, W_f]`` fp32 of ``phi(x) . z * inv_sc`` (the rows ``z^T`` of ``dphi``),
-    through the tensor cores: per index of the third factor, ``[BT, R2] @ [R2, R1]`` dots against the slice
-    ``Z[:, :, i3]`` of ``z`` split in a ``DOT`` high and low part (the factors are ``DOT`` values: the sum is fp32 to
-    about 16 bits, as ``w z^T``'s cancellation needs). A product of ``BT x M`` per factor, elementwise, cost the
-    (32, 32) query pass 0.4 ms on the H100 (N = 32,760). ``z``: one state's ``[M]``."""
+    through the tensor cores: per index of the third factor, ``[BT, W2] @ [W2, W1]`` dots (widths padded with
+    zeros) against the slice ``Z[:, :, i3]`` of ``z`` split in a ``DOT`` high and low part (the factors are ``DOT``
+    values: the sum is fp32 to about 16 bits, as ``w z^T``'s cancellation needs); P = 1 is ``z`` itself. A product
+    of ``BT x M`` per factor, elementwise, cost the (32, 32) query pass 0.4 ms on the H100 (N = 32,760). ``z``: one
+    state's ``[M]``."""
     o1 = tl.arange(0, W1)
     o2 = tl.arange(0, W2)
     o3 = tl.arange(0, W3)

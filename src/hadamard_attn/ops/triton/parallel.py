@@ -59,6 +59,11 @@ from .utils import (
 State = tuple[torch.Tensor, torch.Tensor]
 
 
+# fp16 backward: the query pass's g = do / (den + eps) and w are stored times G_SCALE and the state's range scale
+# (den grows with the history; g alone falls into fp16's subnormals)
+G_SCALE = tl.constexpr(4096.0)
+
+
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -87,6 +92,7 @@ def state_kernel(
     x3,
     v,
     w,
+    scale,
     S,
     z,
     cu_seqlens,
@@ -102,13 +108,16 @@ def state_kernel(
     P: tl.constexpr,
     W_MODE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
     BT: tl.constexpr,
     BM: tl.constexpr,
     BV: tl.constexpr,
 ):
-    """``S[n, h] += phi(x)^T v``, ``z[n, h] += phi(x)^T w`` over one split of the flat tokens (fp32 atomics).
+    """``S[n, h] += phi(x)^T v``, ``z[n, h] += phi(x)^T w`` over one split of the flat tokens (fp32 atomics), both
+    divided by ``scale[n, h]`` if ``HAS_SCALE`` (the fp16 backward: ``v`` and ``w`` are the query pass's scaled
+    ``G`` and ``w``).
 
     ``W_MODE``: 0 no z, 1 ``w = 1``, 2 ``w`` loaded as ``[TT, H, 16]`` columns (``DOT``; summed), z through the
     tensor cores either way.
@@ -155,9 +164,14 @@ def state_kernel(
             base = (n * H + i_h).to(tl.int64)
             mask_m = o_m < M
             p_s = S + base * (M * DV) + o_m[:, None] * DV + o_v[None, :]
+            b_z = tl.sum(zacc, 1)
+            if HAS_SCALE:
+                inv = 1.0 / tl.load(scale + n * H + i_h)
+                acc = acc * inv
+                b_z = b_z * inv
             tl.atomic_add(p_s, acc, mask=mask_m[:, None], sem="relaxed")
             if W_MODE > 0:
-                tl.atomic_add(z + base * M + o_m, tl.sum(zacc, 1), mask=mask_m & (i_v == 0), sem="relaxed")
+                tl.atomic_add(z + base * M + o_m, b_z, mask=mask_m & (i_v == 0), sem="relaxed")
 
 
 @autotuned(
@@ -321,20 +335,24 @@ def token_bwd_kernel(
         # [BT, DV]
         b_g = tl.load(g + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0).to(tl.float32)
         b_w = tl.full([BT], 0.0 if QUERY else 1.0, dtype=tl.float32)  # the keys' w = 1 (queries: SPLIT_Z or 0)
-        b_den = tl.zeros([BT], dtype=tl.float32)
+        sc = 1.0
+        r = 1.0  # fp16: G_SCALE
+        if HAS_SCALE:
+            sc = tl.load(scale + n * H + i_h)
+            r = G_SCALE
+        out = sc  # the factor gradients' multiplier
         if SPLIT_Z:
-            b_den = tl.load(den + rows, mask=mask_t, other=0) + eps
-            b_g = b_g * (1.0 / b_den)[:, None]
+            # G gs, gs = sc r: den grows with the history and G alone falls below fp16's normal range, while
+            # den / sc stays below 2^12 |phi|_1; the state build divides by gs again
+            b_g = b_g * (sc * r / (tl.load(den + rows, mask=mask_t, other=0) + eps))[:, None]
             if DOT == tl.float16:
                 # do / eps on a query without features (den = 0) is beyond fp16's range: clamped, so that its
                 # zero features carry 0 (not inf * 0 = NaN) into the state gradient
                 b_g = tl.clamp(b_g, -65504.0, 65504.0)
             b_g = b_g.to(DOT).to(tl.float32)
             tl.store(gq + rows[:, None] * DV + o_v[None, :], b_g.to(gq.dtype.element_ty), mask=mask_t[:, None])
-        # dphi = sc (G S^T + (w / sc) z^T): the gradients are summed unscaled, then multiplied by sc
-        sc = 1.0
-        if HAS_SCALE:
-            sc = tl.load(scale + n * H + i_h)
+        # keys and unnormalised queries: dphi = sc (G S^T + (w / sc) z^T), summed unscaled, then multiplied by sc;
+        # normalised queries: (G gs) (S / sc)^T, then w z^T below
         g1, g2, g3, b_dv, phi_dphi, phi_z = kr_state_grads(
             x1, x2, x3, rows, mask_t, b_g, b_w / sc, S + base * (M * DV), z + base * M,
             DV, R1, R2, R3, W1, W2, W3, P, BT, BM, PREC, not QUERY, SPLIT_Z,
@@ -344,13 +362,16 @@ def token_bwd_kernel(
             # phi and z as the z^T part below (not the forward's den, from phi rounded to DOT): dphi's component
             # along phi then cancels exactly (the forward's den: bf16 P = 3 dq 4e-2 against 1e-2 in
             # test_parallel_query_gradient_cancels_in_bf16); stored as two DOT columns (high and low part)
-            b_w = -phi_dphi * sc / (phi_z + eps)
+            # the sums so far are r times the true ones (G gs against S / sc), b_w = w r
+            b_w = -phi_dphi / (phi_z + eps)
             z1, z2, z3 = den_factor_grads(
                 x1, x2, x3, rows, mask_t, z + base * M, 1.0 / sc, R1, R2, R3, W1, W2, W3, P, BT, DOT, PREC
             )  # fmt: skip
-            g1 += b_w[:, None] * z1
-            g2 += b_w[:, None] * z2
-            g3 += b_w[:, None] * z3
+            g1 += (b_w * sc)[:, None] * z1  # z1: of z / sc
+            g2 += (b_w * sc)[:, None] * z2
+            g3 += (b_w * sc)[:, None] * z3
+            out = 1.0 / r
+            b_w = b_w * sc  # the state build's columns: w gs
             w_st = b_w
             if DOT == tl.float16:
                 # a query with tiny features can have |w| beyond fp16's range: clamped for the state gradient's
@@ -360,13 +381,13 @@ def token_bwd_kernel(
             o_c = tl.arange(0, 16)
             b_wm = tl.where(o_c[None, :] == 0, w_hi[:, None], tl.where(o_c[None, :] == 1, (w_st - w_hi)[:, None], 0))
             tl.store(w + rows[:, None] * 16 + o_c[None, :], b_wm.to(w.dtype.element_ty), mask=mask_t[:, None])
-        store_factor_grad(dx1, rows, mask_t, g1 * sc, R1, W1)
+        store_factor_grad(dx1, rows, mask_t, g1 * out, R1, W1)
         if P >= 2:
-            store_factor_grad(dx2, rows, mask_t, g2 * sc, R2, W2)
+            store_factor_grad(dx2, rows, mask_t, g2 * out, R2, W2)
         if P == 3:
-            store_factor_grad(dx3, rows, mask_t, g3 * sc, R3, W3)
+            store_factor_grad(dx3, rows, mask_t, g3 * out, R3, W3)
         if not QUERY:
-            tl.store(dv + rows[:, None] * DV + o_v[None, :], (b_dv * sc).to(dv.dtype.element_ty), mask=mask_t[:, None])
+            tl.store(dv + rows[:, None] * DV + o_v[None, :], (b_dv * out).to(dv.dtype.element_ty), mask=mask_t[:, None])
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -379,7 +400,8 @@ def _range_scale(S: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.
     if dtype != torch.float16:
         return None
     big = torch.maximum(S.abs().amax((-2, -1)), z.abs().amax(-1))  # [N, H]
-    return torch.exp2(torch.ceil(torch.log2(big / 2**12))).clamp_min(1.0)
+    # also below 1: a small state (a gradient) is brought up as well, away from fp16's subnormals
+    return torch.exp2(torch.ceil(torch.log2(big / 2**12))).clamp(2.0**-64, 2.0**64)
 
 
 def _dot_state(S: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -425,8 +447,8 @@ def _with_z(S: torch.Tensor, z: torch.Tensor, scale: torch.Tensor | None, dtype:
     return Sz
 
 
-def _build_state(x, v, S, z, seqs, w_mode, w=None):
-    """``S += phi(x)^T v``, ``z += phi(x)^T w`` in place (see ``state_kernel``)."""
+def _build_state(x, v, S, z, seqs, w_mode, w=None, scale=None):
+    """``S += phi(x)^T v / scale``, ``z += phi(x)^T w`` in place (see ``state_kernel``; ``scale [N, H]`` or None)."""
     B, T, H, Dv = v.shape
     R1, R2, R3 = widths3(tuple(t.shape[-1] for t in x))
     x1, x2, x3 = factors3(x)
@@ -442,9 +464,10 @@ def _build_state(x, v, S, z, seqs, w_mode, w=None):
 
     launch(
         state_kernel, grid,
-        x1, x2, x3, v, w if w is not None else v, S, z, seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ,
+        x1, x2, x3, v, w if w is not None else v, scale if scale is not None else z, S, z,
+        seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ,
         LENGTH_CLASS=length_class(TT), H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(x), W_MODE=w_mode,
-        IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
+        IS_VARLEN=seqs.IS_VARLEN, HAS_SCALE=scale is not None, DOT=DOT, PREC=PREC,
     )  # fmt: skip
 
 
@@ -540,14 +563,16 @@ def _parallel_bwd(
     w = empty((B * T, H, 16), dot_dtype(v.dtype), v.device)
     scale = _range_scale(S, z, v.dtype)
     S_dot = _dot_state(S, scale, v.dtype)
-    gq = empty(v.shape, dot_dtype(v.dtype), v.device) if normalize else do  # do / (den + eps) as the dots read it
+    # do / (den + eps) as the dots read it (times the state's range scale, fp16)
+    gq = empty(v.shape, dot_dtype(v.dtype), v.device) if normalize else do
     dq = _token_bwd(q, do, S_dot, scale, z, seqs, True, normalize, eps, den=den, w=w, gq=gq)
     # gradient of the state: upstream + phi(Q)^T [g | w]
     if dS is None:
         dS_tot, dz_tot = torch.zeros_like(S), torch.zeros_like(z)
     else:
         dS_tot, dz_tot = dS.float().clone().contiguous(), dz.float().clone().contiguous()
-    _build_state(q, gq, dS_tot, dz_tot, seqs, w_mode=2 if normalize else 0, w=w)
+    gs = scale * G_SCALE.value if scale is not None and normalize else None  # the query pass's scale of g and w
+    _build_state(q, gq, dS_tot, dz_tot, seqs, w_mode=2 if normalize else 0, w=w, scale=gs)
     # keys: dk and dv
     dv = empty(v.shape, v.dtype, v.device)
     scale = _range_scale(dS_tot, dz_tot, v.dtype)

@@ -313,10 +313,10 @@ def token_bwd_kernel(
     (``den_factor_grads``, on the tensor cores) are added once ``w`` is known, and ``dphi`` in the direction of
     ``phi`` cancels to fp32 rounding (``w`` from an ``o`` rounded to bf16 gave ``dq`` 4.9e-2 for (16, 16, 16) bf16
     at T = 16,384 on the H100; no output residual is kept). For the state gradient, ``G`` is stored to ``gq`` and
-    ``w`` as ``[TT, H, 16]`` columns. Keys: ``G = v``, ``w = 1``, and ``dv = phi(x) S`` is stored too. ``S`` (in
-    ``DOT``, divided by ``scale``), ``z`` are the final state (queries) or its gradient (keys). A program owns its
-    rows:
-    ``dx_f`` (and ``dv``) are summed in registers and stored once, in the inputs' dtype. Grid: (token blocks, H).
+    ``w`` as ``[TT, H, 16]`` columns, both times ``scale G_SCALE`` with ``HAS_SCALE`` (fp16). Keys: ``G = v``,
+    ``w = 1``, and ``dv = phi(x) S`` is stored too. ``S`` (in ``DOT``, divided by ``scale``), ``z`` are the final
+    state (queries) or its gradient (keys). A program owns its rows: ``dx_f`` (and ``dv``) are summed in registers
+    and stored once, in the inputs' dtype. Grid: (token blocks, H).
     """
     W1: tl.constexpr = at_least(R1, 16)  # register widths of the factor gradients
     W2: tl.constexpr = at_least(R2, 16)
@@ -358,11 +358,11 @@ def token_bwd_kernel(
             DV, R1, R2, R3, W1, W2, W3, P, BT, BM, PREC, not QUERY, SPLIT_Z,
         )  # fmt: skip
         if SPLIT_Z:
-            # w = -sum(G * o) = -sum(phi * G S^T) sc / (den + eps), with den = phi . z summed here from the same
-            # phi and z as the z^T part below (not the forward's den, from phi rounded to DOT): dphi's component
-            # along phi then cancels exactly (the forward's den: bf16 P = 3 dq 4e-2 against 1e-2 in
-            # test_parallel_query_gradient_cancels_in_bf16); stored as two DOT columns (high and low part)
-            # the sums so far are r times the true ones (G gs against S / sc), b_w = w r
+            # w = -sum(G * o) = -sum(phi * G S^T) / (den + eps), with den = phi . z summed here from the same phi
+            # and z as the z^T part below (not the forward's den, from phi rounded to DOT): dphi's component along
+            # phi then cancels exactly (the forward's den: bf16 P = 3 dq 4e-2 against 6e-3 in
+            # test_parallel_query_gradient_cancels_in_bf16). The sums so far are r times the true ones (G gs
+            # against S / sc): b_w = w r
             b_w = -phi_dphi / (phi_z + eps)
             z1, z2, z3 = den_factor_grads(
                 x1, x2, x3, rows, mask_t, z + base * M, 1.0 / sc, R1, R2, R3, W1, W2, W3, P, BT, DOT, PREC
@@ -371,7 +371,7 @@ def token_bwd_kernel(
             g2 += (b_w * sc)[:, None] * z2
             g3 += (b_w * sc)[:, None] * z3
             out = 1.0 / r
-            b_w = b_w * sc  # the state build's columns: w gs
+            b_w = b_w * sc  # the state build's columns, two DOT parts (high and low): w gs
             w_st = b_w
             if DOT == tl.float16:
                 # a query with tiny features can have |w| beyond fp16's range: clamped for the state gradient's

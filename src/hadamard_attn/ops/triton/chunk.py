@@ -59,6 +59,7 @@ from .utils import (
     at_most,
     autotuned,
     cdiv,
+    den_factor_grads,
     dot_config,
     dummy,
     empty,
@@ -487,15 +488,18 @@ def intra_grads(
 @triton.jit
 def side_grads(
     x1, x2, x3, y1, y2, y3, v, g, w, hs, hz, dx1, dx2, dx3, dv, cu_seqlens, chunk_seq, chunk_tok, T_SEQ, i_c, i_h,
-    H: tl.constexpr, DV: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, P: tl.constexpr,
-    C: tl.constexpr, KEYS: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-    BM: tl.constexpr,
+    eps, H: tl.constexpr, DV: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, P: tl.constexpr,
+    C: tl.constexpr, KEYS: tl.constexpr, NORMALIZE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr, BM: tl.constexpr,
 ):  # fmt: skip
     """Gradients of one side of one chunk, given ``g`` (d numerator, ``[TT, H, DV]`` fp32) and ``w`` (d
     denominator, ``[TT, H]``). ``x*``: the factors of that side, ``y*``: those of the other one.
 
     Queries (``dx = dq``): ``dA = tril(g V^T + w 1^T)``, ``dq_f += (dA prod_{f' != f} s_f') K_f`` and
-    ``dphi(Q) = g hs_c^T + w hz_c^T`` (``hs, hz``: the states entering the chunks).
+    ``dphi(Q) = g hs_c^T + w hz_c^T`` (``hs, hz``: the states entering the chunks). With ``NORMALIZE`` the
+    queries' ``w`` is recomputed here as ``-(sum(phi(Q) * g hs_c^T) + rowsum(A * g V^T)) / (phi(Q) . hz_c +
+    rowsum(A) + eps)``, from the same rounded operands as the two terms it cancels against (the prep kernel's
+    ``w``, from the rounded output, left bf16 P = 3 ``dq`` at 4e-2 after a long history); the keys keep it.
     Keys (``dx = dk``, and ``dv``): the same in transposed form, every ``[C, C]`` block formed as such (no
     transpose of a computed block): ``dA^T = triu(V g^T + 1 w^T)``, ``dk_f += (dA^T prod s_f'^T) Q_f``,
     ``dv = A^T g``; then ``dphi(K) = V dhs_c^T + 1 dhz_c^T``, ``dv += phi(K) dhs_c`` (``hs, hz``: the gradients
@@ -542,18 +546,36 @@ def side_grads(
         s1, s2, s3 = hadamard_block(
             x1, x2, x3, y1, y2, y3, rows, mask_t, keep, R1, R2, R3, RP1, RP2, RP3, P, DOT, PREC
         )  # fmt: skip
-        dA = tl.dot(gs, tl.trans(b_v.to(DOT)), input_precision=PREC) * big_g[:, None] + b_w[:, None]
-    dA = tl.where(keep, dA, 0)  # [C, C]
-    g1, g2, g3 = intra_grads(y1, y2, y3, dA, s1, s2, s3, rows, mask_t, R1, R2, R3, RP1, RP2, RP3, P, DOT, PREC)
+        dA = tl.dot(gs, tl.trans(b_v.to(DOT)), input_precision=PREC) * big_g[:, None]  # g V^T
     # through the state: queries G = g, w; keys G = V, w = 1 (and dv)
     if KEYS:
         G, b_w = b_v, tl.full([C], 1.0, tl.float32)
     else:
         G = b_g
-    h1, h2, h3, b_dv, _, _ = kr_state_grads(
+    CONSISTENT: tl.constexpr = NORMALIZE and not KEYS
+    h1, h2, h3, b_dv, phi_dphi, phi_z = kr_state_grads(
         x1, x2, x3, rows, mask_t, G, b_w, hs + base * DV, hz + base,
-        DV, R1, R2, R3, RP1, RP2, RP3, P, C, BM, PREC, KEYS, False,
+        DV, R1, R2, R3, RP1, RP2, RP3, P, C, BM, PREC, KEYS, CONSISTENT,
     )  # fmt: skip
+    if CONSISTENT:
+        A = s1 * s2 * s3 if P == 3 else (s1 * s2 if P == 2 else s1)  # masked by s1
+        b_w = -(phi_dphi + tl.sum(A * dA, 1)) / (phi_z + tl.sum(A, 1) + eps)
+        # the rows hz_c^T of dphi(Q), through the tensor cores (fp16: in fp32, hz_c is beyond its range)
+        if DOT == tl.float16:
+            z1, z2, z3 = den_factor_grads(
+                x1, x2, x3, rows, mask_t, hz + base, 1.0, R1, R2, R3, RP1, RP2, RP3, P, C, tl.float32, PREC
+            )  # fmt: skip
+        else:
+            z1, z2, z3 = den_factor_grads(
+                x1, x2, x3, rows, mask_t, hz + base, 1.0, R1, R2, R3, RP1, RP2, RP3, P, C, DOT, PREC
+            )  # fmt: skip
+        h1 += b_w[:, None] * z1
+        h2 += b_w[:, None] * z2
+        h3 += b_w[:, None] * z3
+    if not KEYS:
+        dA += b_w[:, None]
+    dA = tl.where(keep, dA, 0)  # [C, C]
+    g1, g2, g3 = intra_grads(y1, y2, y3, dA, s1, s2, s3, rows, mask_t, R1, R2, R3, RP1, RP2, RP3, P, DOT, PREC)
     store_factor_grad(dx1, rows, mask_t, g1 + h1, R1, RP1)
     if P >= 2:
         store_factor_grad(dx2, rows, mask_t, g2 + h2, R2, RP2)
@@ -596,6 +618,7 @@ def chunk_bwd_kernel(
     chunk_seq,
     chunk_tok,
     T_SEQ,
+    eps,
     H: tl.constexpr,
     DV: tl.constexpr,
     R1: tl.constexpr,
@@ -603,6 +626,7 @@ def chunk_bwd_kernel(
     R3: tl.constexpr,
     P: tl.constexpr,
     C: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
@@ -614,12 +638,14 @@ def chunk_bwd_kernel(
     if tl.program_id(2) == 0:
         side_grads(
             q1, q2, q3, k1, k2, k3, v, g, w, hs, hz, dq1, dq2, dq3, dv, cu_seqlens, chunk_seq, chunk_tok, T_SEQ,
-            tl.program_id(0), tl.program_id(1), H, DV, R1, R2, R3, P, C, False, IS_VARLEN, DOT, PREC, BM,
+            tl.program_id(0), tl.program_id(1), eps,
+            H, DV, R1, R2, R3, P, C, False, NORMALIZE, IS_VARLEN, DOT, PREC, BM,
         )  # fmt: skip
     else:
         side_grads(
             k1, k2, k3, q1, q2, q3, v, g, w, dhs, dhz, dk1, dk2, dk3, dv, cu_seqlens, chunk_seq, chunk_tok, T_SEQ,
-            tl.program_id(0), tl.program_id(1), H, DV, R1, R2, R3, P, C, True, IS_VARLEN, DOT, PREC, BM,
+            tl.program_id(0), tl.program_id(1), eps,
+            H, DV, R1, R2, R3, P, C, True, NORMALIZE, IS_VARLEN, DOT, PREC, BM,
         )  # fmt: skip
 
 
@@ -813,8 +839,9 @@ def _chunk_bwd(
     launch(
         chunk_bwd_kernel, (NT, H, 2),
         *factors3(q), *factors3(k), v, g, w, hs, hz, dhs, dhz, *factors3(dq), *factors3(dk), dv,
-        seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ,
-        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
+        seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps,
+        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
+        DOT=DOT, PREC=PREC,
     )  # fmt: skip
     return dq, dk, dv, dS0, dz0
 

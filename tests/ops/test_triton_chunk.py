@@ -18,7 +18,16 @@ import torch
 triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 
-from triton_checks import DEVICE, check, check_half, check_partial, make, rel, sixteen_bit_dots  # noqa: E402
+from triton_checks import (  # noqa: E402
+    DEVICE,
+    check,
+    check_half,
+    check_long_history_dq,
+    check_partial,
+    make,
+    rel,
+    sixteen_bit_dots,
+)
 
 from hadamard_attn.ops import hadamard_attn  # noqa: E402
 from hadamard_attn.ops.naive import naive_hadamard_attn  # noqa: E402
@@ -147,21 +156,7 @@ def test_chunk_query_gradient_cancels_in_bf16(hla, monkeypatch, widths):
     ``phi . hz`` and ``A`` as the terms it cancels against; the query gradients stay within 1.5e-2 of float64 (the
     prep kernel's ``w``, from the rounded output, gave up to 4.1e-2 for (4, 2, 4))."""
     sixteen_bit_dots(monkeypatch, sys.modules["hadamard_attn.ops.triton.chunk"])
-    P = len(widths)
-    leaves = [x.detach() for x in make(1, 40, 2, widths, 16, 1, True)]
-    leaves[-2], leaves[-1] = leaves[-2] * 4096, (leaves[-1] + 1) * 4096  # S0, z0: a long history
-    leaves = [(x.to(torch.bfloat16) if i <= 2 * P else x).requires_grad_(True) for i, x in enumerate(leaves)]
-    ref = [x.detach().double().requires_grad_(True) for x in leaves]
-
-    def run(fn, t):
-        return fn(tuple(t[:P]), tuple(t[P : 2 * P]), t[2 * P], True, True, 1e-6, tuple(t[-2:]), False, None)[0]
-
-    o, o_ref = run(hla.triton_hadamard_attn, leaves), run(naive_hadamard_attn, ref)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    dq = torch.autograd.grad((o.float() * do).sum(), leaves[:P])
-    dq_ref = torch.autograd.grad((o_ref * do.double()).sum(), ref[:P])
-    for f, (a, b) in enumerate(zip(dq, dq_ref)):
-        assert rel(a, b) < 1.5e-2, f"dq{f}: {rel(a, b):.2e}"
+    check_long_history_dq(hla, widths, causal=True)
 
 
 def test_chunk_torch_compile_fullgraph(hla):

@@ -135,3 +135,24 @@ def check_partial(hla, used: str, *, causal: bool) -> None:
     for i, (a, b, x) in enumerate(zip(grads, grads_ref, ref)):  # None: no dependence (z alone: not on q or v)
         a, b = (torch.zeros_like(x) if t is None else t for t in (a, b))
         assert torch.isfinite(a).all() and (a.double() - b).abs().max() <= 1e-5 * b.abs().max().clamp_min(1.0), i
+
+
+def check_long_history_dq(hla, widths, *, causal: bool, tol: float = 1.5e-2) -> None:
+    """bf16 queries against a long history (an initial state of 2^12 tokens, batch 1, T = 40, H = 2, Dv = 16): the
+    query gradients within ``tol`` of float64. ``dphi(Q) = g S^T + w z^T`` is then a small difference of two large
+    terms; run it with ``sixteen_bit_dots`` for the GPU's rounding."""
+    P = len(widths)
+    leaves = [x.detach() for x in make(1, 40, 2, widths, 16, 1, True)]
+    leaves[-2], leaves[-1] = leaves[-2] * 4096, (leaves[-1] + 1) * 4096  # S0, z0: a long history
+    leaves = [(x.to(torch.bfloat16) if i <= 2 * P else x).requires_grad_(True) for i, x in enumerate(leaves)]
+    ref = [x.detach().double().requires_grad_(True) for x in leaves]
+
+    def run(fn, t):
+        return fn(tuple(t[:P]), tuple(t[P : 2 * P]), t[2 * P], causal, True, 1e-6, tuple(t[-2:]), False, None)[0]
+
+    o, o_ref = run(hla.triton_hadamard_attn, leaves), run(naive_hadamard_attn, ref)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    dq = torch.autograd.grad((o.float() * do).sum(), leaves[:P])
+    dq_ref = torch.autograd.grad((o_ref * do.double()).sum(), ref[:P])
+    for f, (a, b) in enumerate(zip(dq, dq_ref)):
+        assert rel(a, b) < tol, f"dq{f}: {rel(a, b):.2e}"

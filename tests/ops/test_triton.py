@@ -180,10 +180,10 @@ def test_parallel_query_gradient_cancels_in_bf16(monkeypatch, widths):
     """bf16 as the GPU runs it (16-bit dots), queries against a long history (an initial state of 2^12 tokens):
     ``dphi(Q) = g S^T + w z^T`` is a small difference of two large terms, so ``w`` must come from the same rounded
     ``g S^T`` and ``phi . z`` as the ``z^T`` part, which keeps ``z`` to about 16 bits (``den_factor_grads``, two
-    bf16 parts). The query gradients stay within 1.5e-2 of float64 (5e-3 to 7e-3); (2, 8), (8, 2) and (4, 2, 4)
+    bf16 parts). The query gradients stay within 1e-2 of float64 (5e-3 to 7e-3); (2, 8), (8, 2) and (4, 2, 4)
     fail with ``z`` in one bf16 part (up to 3.8e-2) or with the forward's denominator in ``w`` (up to 4.1e-2)."""
     sixteen_bit_dots(monkeypatch, tp)
-    check_long_history_dq(hla_triton, widths, causal=False)
+    check_long_history_dq(hla_triton, widths, causal=False, tol=1e-2)
 
 
 def test_launch_memoises_the_autotuners_choice(monkeypatch):

@@ -103,8 +103,9 @@ def test_chunk_half(hla, dtype):
     values up to 8: A up to 2^22): the output and the gradients come back in the input dtype, the state in fp32."""
     leaves = make(1, 20, 1, (64, 16), 16, 1, True, dtype=dtype)
     xs = [(x.detach() * (8 if i < 4 else 1)).to(dtype) for i, x in enumerate(leaves[:5])]
-    # bf16: the query gradient cancels large terms (a state of 1e6) through w = -sum(do * o), o rounded to bf16
-    tol = 2e-2 if dtype == torch.float16 else 5e-2
+    # bf16: the query gradient cancels large terms (a state of 1e6); 9e-3 with w recomputed in the gradient kernel
+    # (1.5e-2 to 2.3e-2 with the prep kernel's w)
+    tol = 2e-2 if dtype == torch.float16 else 1.5e-2
     check_half(hla, xs, [x.detach() * 1e6 for x in leaves[5:]], True, 1e6, tol)
 
 
@@ -153,10 +154,10 @@ def test_chunk_output_residual_restores_the_fp32_output(hla, dtype):
 def test_chunk_query_gradient_cancels_in_bf16(hla, monkeypatch, widths):
     """bf16 as the GPU runs it (16-bit dots), causal queries against a long history (an initial state of 2^12
     tokens): the queries' ``w`` is recomputed in the gradient kernel from the same rounded ``g hs^T``, ``g V^T``,
-    ``phi . hz`` and ``A`` as the terms it cancels against; the query gradients stay within 1.5e-2 of float64 (the
-    prep kernel's ``w``, from the rounded output, gave up to 4.1e-2 for (4, 2, 4))."""
+    ``phi . hz`` and ``A`` as the terms it cancels against; the query gradients stay within 1.1e-2 of float64, 1.5e-2
+    for P = 3 (the prep kernel's ``w``, from the rounded output: 1.3e-2 to 2.1e-2, 4.1e-2 for (4, 2, 4))."""
     sixteen_bit_dots(monkeypatch, sys.modules["hadamard_attn.ops.triton.chunk"])
-    check_long_history_dq(hla, widths, causal=True)
+    check_long_history_dq(hla, widths, causal=True, tol=1.5e-2 if len(widths) == 3 else 1.1e-2)
 
 
 def test_chunk_torch_compile_fullgraph(hla):

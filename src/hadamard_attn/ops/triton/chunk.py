@@ -36,7 +36,9 @@ launch) forms, for the queries and for the keys:
     dA_c^T (formed as such)  -> dk_f,  dv_c = A_c^T g_c,  dphi(K_c) = V_c dS_c^T + 1 dz_c^T,  dv_c += phi(K_c) dS_c
 
 (``dS_c, dz_c``: the gradient of the state leaving chunk ``c``); a program owns its chunk's rows and stores
-their gradients once.
+their gradients once. The queries' ``w`` there is recomputed as ``-(sum(phi(Q_c) * g_c S_c^T) +
+rowsum(A_c * g_c V_c^T)) / (phi(Q_c) . z_c + rowsum(A_c) + eps)``, from the same rounded operands as the two terms
+of ``dphi(Q_c)`` it cancels against (the walk's and the keys' ``w`` is the prep kernel's).
 
 Hopper: these kernels feed ``tl.dot`` from registers (the Khatri-Rao tiles, the masked blocks), which Triton
 compiles to wgmma with a register operand; ptxas before 13.3 can read those registers before they are written
@@ -560,6 +562,7 @@ def side_grads(
     if CONSISTENT:
         A = s1 * s2 * s3 if P == 3 else (s1 * s2 if P == 2 else s1)  # masked by s1
         b_w = -(phi_dphi + tl.sum(A * dA, 1)) / (phi_z + tl.sum(A, 1) + eps)
+        b_w = tl.where(mask_t, b_w, 0)  # rows past the sequence: 0 / 0 with eps = 0
         # the rows hz_c^T of dphi(Q), through the tensor cores (fp16: in fp32, hz_c is beyond its range)
         if DOT == tl.float16:
             z1, z2, z3 = den_factor_grads(
@@ -591,7 +594,7 @@ def side_grads(
         tl.store(dv + rows[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=mask_t[:, None])
 
 
-@causal_autotuned(BWD_CONFIGS, "BM", ["R1", "R2", "R3", "DV", "P", "C"])
+@causal_autotuned(BWD_CONFIGS, "BM", ["R1", "R2", "R3", "DV", "P", "C", "NORMALIZE"])
 @triton.jit(do_not_specialize=["T_SEQ"])
 def chunk_bwd_kernel(
     q1,

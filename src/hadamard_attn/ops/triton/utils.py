@@ -444,8 +444,9 @@ def den_factor_grads(
 ):  # fmt: skip
     """The factor gradients ``zg_f [BT, W_f]`` fp32 of ``phi(x) . z * inv_sc`` (the rows ``z^T`` of ``dphi``),
     through the tensor cores: per index of the third factor, ``[BT, W2] @ [W2, W1]`` dots (widths padded with
-    zeros) against the slice ``Z[:, :, i3]`` of ``z`` split in a ``DOT`` high and low part (the factors are ``DOT``
-    values: the sum is fp32 to about 16 bits, as ``w z^T``'s cancellation needs); P = 1 is ``z`` itself. A product
+    zeros) against the slice ``Z[:, :, i3]`` of ``z`` split in a ``DOT`` high and low part (one part for fp32 dots;
+    the factors are ``DOT`` values: the sum is fp32 to about 16 bits, as ``w z^T``'s cancellation needs); P = 1 is
+    ``z`` itself. A product
     of ``BT x M`` per factor, elementwise, cost the (32, 32) query pass 0.4 ms on the H100 (N = 32,760). ``z``: one
     state's ``[M]``."""
     o1 = tl.arange(0, W1)
@@ -466,9 +467,12 @@ def den_factor_grads(
             p_z = z + (o1[:, None] * R2 + o2[None, :]) * R3 + i3
             b_z = tl.load(p_z, mask=m1[:, None] & m2[None, :], other=0) * inv_sc
             z_hi = b_z.to(DOT)
-            z_lo = (b_z - z_hi.to(tl.float32)).to(DOT)
-            t1 = tl.dot(a2, tl.trans(z_hi), input_precision=PREC) + tl.dot(a2, tl.trans(z_lo), input_precision=PREC)
-            t2 = tl.dot(a1, z_hi, input_precision=PREC) + tl.dot(a1, z_lo, input_precision=PREC)
+            t1 = tl.dot(a2, tl.trans(z_hi), input_precision=PREC)
+            t2 = tl.dot(a1, z_hi, input_precision=PREC)
+            if DOT != tl.float32:  # fp32 dots (tf32x3) keep z whole
+                z_lo = (b_z - z_hi.to(tl.float32)).to(DOT)
+                t1 += tl.dot(a2, tl.trans(z_lo), input_precision=PREC)
+                t2 += tl.dot(a1, z_lo, input_precision=PREC)
             if P == 3:
                 c = tl.load(x3 + rows * R3 + i3, mask=mask_t, other=0).to(tl.float32)  # [BT]
                 zg1 += c[:, None] * t1

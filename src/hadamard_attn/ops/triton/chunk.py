@@ -564,14 +564,10 @@ def side_grads(
         b_w = -(phi_dphi + tl.sum(A * dA, 1)) / (phi_z + tl.sum(A, 1) + eps)
         b_w = tl.where(mask_t, b_w, 0)  # rows past the sequence: 0 / 0 with eps = 0
         # the rows hz_c^T of dphi(Q), through the tensor cores (fp16: in fp32, hz_c is beyond its range)
-        if DOT == tl.float16:
-            z1, z2, z3 = den_factor_grads(
-                x1, x2, x3, rows, mask_t, hz + base, 1.0, R1, R2, R3, RP1, RP2, RP3, P, C, tl.float32, PREC
-            )  # fmt: skip
-        else:
-            z1, z2, z3 = den_factor_grads(
-                x1, x2, x3, rows, mask_t, hz + base, 1.0, R1, R2, R3, RP1, RP2, RP3, P, C, DOT, PREC
-            )  # fmt: skip
+        ZDOT: tl.constexpr = tl.float32 if DOT == tl.float16 else DOT
+        z1, z2, z3 = den_factor_grads(
+            x1, x2, x3, rows, mask_t, hz + base, 1.0, R1, R2, R3, RP1, RP2, RP3, P, C, ZDOT, PREC
+        )  # fmt: skip
         h1 += b_w[:, None] * z1
         h2 += b_w[:, None] * z2
         h3 += b_w[:, None] * z3

@@ -66,6 +66,7 @@ from .utils import (
     dummy,
     empty,
     factor_block,
+    factor_dot,
     factors3,
     fake_forward_outputs,
     interpreting,
@@ -555,19 +556,21 @@ def side_grads(
     else:
         G = b_g
     CONSISTENT: tl.constexpr = NORMALIZE and not KEYS
-    h1, h2, h3, b_dv, phi_dphi, phi_z = kr_state_grads(
+    h1, h2, h3, b_dv = kr_state_grads(
         x1, x2, x3, rows, mask_t, G, b_w, hs + base * DV, hz + base,
         DV, R1, R2, R3, RP1, RP2, RP3, P, C, BM, PREC, KEYS, CONSISTENT,
     )  # fmt: skip
     if CONSISTENT:
-        A = s1 * s2 * s3 if P == 3 else (s1 * s2 if P == 2 else s1)  # masked by s1
-        b_w = -(phi_dphi + tl.sum(A * dA, 1)) / (phi_z + tl.sum(A, 1) + eps)
-        b_w = tl.where(mask_t, b_w, 0)  # rows past the sequence: 0 / 0 with eps = 0
         # the rows hz_c^T of dphi(Q), through the tensor cores (fp16: in fp32, hz_c is beyond its range)
         ZDOT: tl.constexpr = tl.float32 if DOT == tl.float16 else DOT
         z1, z2, z3 = den_factor_grads(
             x1, x2, x3, rows, mask_t, hz + base, 1.0, R1, R2, R3, RP1, RP2, RP3, P, C, ZDOT, PREC
         )  # fmt: skip
+        A = s1 * s2 * s3 if P == 3 else (s1 * s2 if P == 2 else s1)  # masked by s1
+        phi_dphi = factor_dot(x1, rows, mask_t, h1, R1, RP1)  # phi(Q) . g hs_c^T
+        phi_z = factor_dot(x1, rows, mask_t, z1, R1, RP1)  # phi(Q) . hz_c
+        b_w = -(phi_dphi + tl.sum(A * dA, 1)) / (phi_z + tl.sum(A, 1) + eps)
+        b_w = tl.where(mask_t, b_w, 0)  # rows past the sequence: 0 / 0 with eps = 0
         h1 += b_w[:, None] * z1
         h2 += b_w[:, None] * z2
         h3 += b_w[:, None] * z3

@@ -36,6 +36,7 @@ from .utils import (
     dot_config,
     dot_dtype,
     empty,
+    factor_dot,
     factors3,
     fake_forward_outputs,
     interpreting,
@@ -353,20 +354,20 @@ def token_bwd_kernel(
             tl.store(gq + rows[:, None] * DV + o_v[None, :], b_g.to(gq.dtype.element_ty), mask=mask_t[:, None])
         # keys and unnormalised queries: dphi = sc (G S^T + (w / sc) z^T), summed unscaled, then multiplied by sc;
         # normalised queries: (G gs) (S / sc)^T, then w z^T below
-        g1, g2, g3, b_dv, phi_dphi, phi_z = kr_state_grads(
+        g1, g2, g3, b_dv = kr_state_grads(
             x1, x2, x3, rows, mask_t, b_g, b_w / sc, S + base * (M * DV), z + base * M,
             DV, R1, R2, R3, W1, W2, W3, P, BT, BM, PREC, not QUERY, SPLIT_Z,
         )  # fmt: skip
         if SPLIT_Z:
-            # w = -sum(G * o) = -sum(phi * G S^T) / (den + eps), with den = phi . z summed here from the same phi
-            # and z as the z^T part below (not the forward's den, from phi rounded to DOT): dphi's component along
-            # phi then cancels exactly (the forward's den: bf16 P = 3 dq 4e-2 against 6e-3 in
-            # test_parallel_query_gradient_cancels_in_bf16). The sums so far are r times the true ones (G gs
-            # against S / sc): b_w = w r
-            b_w = -phi_dphi / (phi_z + eps)
             z1, z2, z3 = den_factor_grads(
                 x1, x2, x3, rows, mask_t, z + base * M, 1.0 / sc, R1, R2, R3, W1, W2, W3, P, BT, DOT, PREC
             )  # fmt: skip
+            # w = -sum(G * o) = -sum(phi * G S^T) / (den + eps), with den = phi . z: both sums from the factor
+            # gradients they cancel against (not the forward's den, from phi rounded to DOT), so dphi's component
+            # along phi cancels exactly (the forward's den: bf16 P = 3 dq 4e-2 against 6e-3 in
+            # test_parallel_query_gradient_cancels_in_bf16). G S^T's sums are r times the true ones (G gs against
+            # S / sc), z1 is of z / sc: b_w = w r
+            b_w = -factor_dot(x1, rows, mask_t, g1, R1, W1) / (factor_dot(x1, rows, mask_t, z1, R1, W1) * sc + eps)
             g1 += (b_w * sc)[:, None] * z1  # z1: of z / sc
             g2 += (b_w * sc)[:, None] * z2
             g3 += (b_w * sc)[:, None] * z3

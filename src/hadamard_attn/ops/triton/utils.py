@@ -394,9 +394,9 @@ def kr_state_grads(
     meaningless), and ``phi(x) S [BT, DV]`` fp32 if ``WANT_DV`` (else zeros).
 
     ``G [BT, DV]`` (cast to ``S``'s dtype for the dots), ``w [BT]`` fp32; ``S``, ``z``: pointers to one state
-    ``[M, DV]`` and ``[M]``. With ``SPLIT_Z`` (``w`` not known yet, unused): ``g_f`` of ``G S^T`` alone, and
-    ``sum(phi(x) * G S^T)``, ``phi(x) . z`` (``[BT]``, else zeros), for the caller's ``g_f + w zg_f``
-    (``den_factor_grads``). Returns ``(g_1, g_2, g_3, phi(x) S, sum, phi(x) . z)``.
+    ``[M, DV]`` and ``[M]``. With ``SPLIT_Z`` (``w`` not known yet, unused): ``g_f`` of ``G S^T`` alone, for the
+    caller's ``g_f + w zg_f`` (``den_factor_grads``; ``factor_dot`` gives the sums along ``phi(x)`` that ``w`` needs).
+    Returns ``(g_1, g_2, g_3, phi(x) S)``.
     """
     B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
     B2: tl.constexpr = kr_block(2, R1, R2, R3, BM)
@@ -409,22 +409,16 @@ def kr_state_grads(
     acc1 = tl.zeros([BT, W1 // B1, B1], dtype=tl.float32)
     acc2 = tl.zeros([BT, W2 // B2, B2], dtype=tl.float32)
     acc3 = tl.zeros([BT, W3 // B3, B3], dtype=tl.float32)
-    phi_dphi = tl.zeros([BT], dtype=tl.float32)
-    phi_z = tl.zeros([BT], dtype=tl.float32)
     dv = tl.zeros([BT, DV], dtype=tl.float32)
     for i_m in range(NM):
         phi, a1, a2, a3, i1, i2, i3 = kr_tile(x1, x2, x3, rows, mask_t, i_m, BT, R1, R2, R3, B1, B2, B3, P)
         o_m = i_m * BMA + tl.arange(0, BMA)
         mask_m = o_m < M
         b_s = tl.load(S + o_m[:, None] * DV + o_v[None, :], mask=mask_m[:, None], other=0)  # [BMA, DV]
-        b_z = tl.load(z + o_m, mask=mask_m, other=0)  # [BMA]
         # [BT, DV] @ [DV, BMA]
         dphi = tl.dot(G, tl.trans(b_s), input_precision=PREC)
-        if SPLIT_Z:
-            phi_dphi += tl.sum(phi * dphi, 1)
-            phi_z += tl.sum(phi * b_z[None, :], 1)
-        else:
-            dphi += w[:, None] * b_z[None, :]
+        if not SPLIT_Z:
+            dphi += w[:, None] * tl.load(z + o_m, mask=mask_m, other=0)[None, :]
         g1, g2, g3 = kr_tile_grads(dphi, a1, a2, a3, BT, B1, B2, B3, P)
         acc1 = add_block(acc1, g1, i1, W1, B1)
         if P >= 2:
@@ -433,7 +427,19 @@ def kr_state_grads(
             acc3 = add_block(acc3, g3, i3, W3, B3)
         if WANT_DV:
             dv += tl.dot(phi.to(b_s.dtype), b_s, input_precision=PREC)
-    return tl.reshape(acc1, (BT, W1)), tl.reshape(acc2, (BT, W2)), tl.reshape(acc3, (BT, W3)), dv, phi_dphi, phi_z
+    return tl.reshape(acc1, (BT, W1)), tl.reshape(acc2, (BT, W2)), tl.reshape(acc3, (BT, W3)), dv
+
+
+@triton.jit
+def factor_dot(x1, rows, mask_t, g1, R1: tl.constexpr, W1: tl.constexpr):
+    """``phi(x) . dphi [BT]`` fp32 from ``g1 [BT, W1]``, the first factor's gradient of ``dphi [BT, M]``: ``phi`` is
+    linear in each factor, so ``sum_m phi_m dphi_m = sum_i a1_i g1_i``. Two ``[BT, M]`` products per state tile
+    instead made the non-causal query pass 0.61 ms slower (H100, (32, 32), N = 32,760: ``token_bwd_kernel`` 1.616
+    against 1.002 ms a forward+backward). A ``w`` from two such sums (against ``g_f`` and ``zg_f``) cancels exactly
+    along ``a1`` in ``g1 + w zg1``."""
+    o1 = tl.arange(0, W1)
+    a1 = tl.load(x1 + rows[:, None] * R1 + o1[None, :], mask=mask_t[:, None] & (o1 < R1)[None, :], other=0)
+    return tl.sum(a1.to(tl.float32) * g1, 1)
 
 
 @triton.jit

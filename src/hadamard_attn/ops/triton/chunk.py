@@ -809,7 +809,8 @@ def _chunk_bwd(
     g = empty(v.shape, torch.float32, v.device)
     w = empty((B, T, H), torch.float32, v.device)
     BR = 16
-    bwd_prep_kernel[(cdiv(B * T * H, BR),)](
+    launch(
+        bwd_prep_kernel, (cdiv(B * T * H, BR),),
         do.contiguous(), o.contiguous(), res if res.numel() else o, den, g, w, eps, B * T * H,
         DV=Dv, NORMALIZE=normalize, RES=res.numel() > 0, ROUND=DOT is tl.bfloat16, BR=BR,
     )  # fmt: skip

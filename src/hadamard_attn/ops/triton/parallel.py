@@ -442,8 +442,17 @@ def _with_z(S: torch.Tensor, z: torch.Tensor, scale: torch.Tensor | None, dtype:
     N, H, M, Dv = S.shape
     Sz = empty((N, H, M, Dv + 16), dot_dtype(dtype), S.device)
     BMP = 16 if interpreting() else 32
-    pack_state_kernel[(cdiv(M, BMP), N * H)](
-        S, z, scale if scale is not None else z, Sz, M, DV=Dv, HAS_SCALE=scale is not None, BMP=BMP
+    launch(
+        pack_state_kernel,
+        (cdiv(M, BMP), N * H),
+        S,
+        z,
+        scale if scale is not None else z,
+        Sz,
+        M,
+        DV=Dv,
+        HAS_SCALE=scale is not None,
+        BMP=BMP,
     )
     return Sz
 

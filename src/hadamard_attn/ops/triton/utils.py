@@ -85,22 +85,53 @@ def autotuned(*candidates: tuple[int, ...], keys: str, key: list[str], **kwargs)
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` for a ``triton.autotune``d kernel. The autotuner runs on the first call of
-    each autotuning key (its ``key`` arguments, all passed by name here); later calls launch the config it chose
-    directly: the autotuner's own work per call (dictionaries of every argument, each tensor's dtype as text) cost
-    about 55 us of host time a launch on an H100 host. Assigning ``kernel.configs`` (tests pin configs) resets it.
-    The memo holds the autotuner's choice only (Triton's own cache still compiles per dtype and specialisation),
-    per device, dtype of the first argument and dot dtype (a config chosen on one GPU is not one ``safe_configs``
-    kept for another; the autotuner's own key has the tensors' dtypes, not the dot dtype).
+    """``kernel[grid](*args, **kwargs)`` for a Triton kernel, ``triton.autotune``d or not, with less host time.
+
+    Autotuned: the autotuner runs on the first call of each autotuning key (its ``key`` arguments, all passed by
+    name here); later calls launch the config it chose directly: the autotuner's own work per call (dictionaries of
+    every argument, each tensor's dtype as text) cost about 55 us of host time a launch on an H100 host. Assigning
+    ``kernel.configs`` (tests pin configs) resets it. The memo holds the autotuner's choice only, per device, dtype
+    of the first argument and dot dtype (a config chosen on one GPU is not one ``safe_configs`` kept for another;
+    the autotuner's own key has the tensors' dtypes, not the dot dtype). Then ``launch_compiled``.
     """
-    chosen = kernel.__dict__.setdefault("_chosen", {})
-    key = (args[0].device, args[0].dtype, kwargs.get("DOT"), *map(kwargs.__getitem__, kernel.keys))
-    hit = chosen.get(key)
-    if hit is not None and hit[0] is kernel.configs:
-        kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **hit[1])
+    if isinstance(kernel, triton.runtime.Autotuner):
+        chosen = kernel.__dict__.setdefault("_chosen", {})
+        key = (args[0].device, args[0].dtype, kwargs.get("DOT"), *map(kwargs.__getitem__, kernel.keys))
+        hit = chosen.get(key)
+        if hit is None or hit[0] is not kernel.configs:
+            kernel[grid](*args, **kwargs)
+            chosen[key] = (kernel.configs, kernel.best_config.all_kwargs())
+            return
+        kernel, kwargs = kernel.fn, {**kwargs, **hit[1]}
+    launch_compiled(kernel, grid, args, kwargs)
+
+
+def launch_compiled(fn, grid, args: tuple, kwargs: dict) -> None:
+    """``fn[grid](*args, **kwargs)`` for a ``triton.jit`` function: Triton's own binder specialises the arguments
+    (dtypes, 16-byte alignment, integers equal to 1 or divisible by 16, constexpr values), and the kernel compiled
+    for that specialisation (by Triton, on its first launch) is launched directly, past the rest of
+    ``JITFunction.run`` (its cache key is a string of every compile option, built per launch). Launch hooks
+    (profilers) and the interpreter take Triton's own path."""
+    runtime = triton.knobs.runtime
+    if not isinstance(fn, triton.runtime.JITFunction):  # the interpreter's function
+        fn[grid](*args, **kwargs)
         return
-    kernel[grid](*args, **kwargs)
-    chosen[key] = (kernel.configs, kernel.best_config.all_kwargs())
+    device = triton.runtime.driver.active.get_current_device()
+    bound, spec, _ = fn.device_caches[device][4](*args, **kwargs)
+    compiled = fn.__dict__.setdefault("_compiled", {})
+    key = (device, runtime.debug, triton.knobs.compilation.instrumentation_mode, *spec)
+    kern = compiled.get(key)
+    # a hook is None or a HookChain (Triton 3.6), empty unless a profiler added one
+    hooked = getattr(runtime.launch_enter_hook, "calls", runtime.launch_enter_hook) or getattr(
+        runtime.launch_exit_hook, "calls", runtime.launch_exit_hook
+    )
+    if kern is None or hooked:
+        compiled[key] = fn.run(*args, grid=grid, warmup=False, **kwargs)
+        return
+    g = grid(bound) if callable(grid) else grid
+    stream = triton.runtime.driver.active.get_current_stream(device)
+    g0, g1, g2 = (*g, 1, 1)[:3]
+    kern.run(g0, g1, g2, stream, kern.function, kern.packed_metadata, None, None, None, *bound.values())
 
 
 def length_class(tokens: int) -> int:

@@ -184,11 +184,12 @@ def test_chunk_torch_compile_fullgraph(hla):
 
 @pytest.fixture
 def gpu_chunk(hla, monkeypatch):
-    """Chunks of 64 (the GPU's), each chunk kernel limited to one of its GPU configs (``set(i)``, default the
-    first, which ``benchmarks/triton_gpu.py`` checks), and, under the interpreter, every load, store and atomic
-    checked to stay inside one kernel argument (the interpreter does not fault on out-of-bounds addresses)."""
+    """The GPU's chunk sizes (64; the backward 32 for wide factors), each chunk kernel limited to one of its GPU
+    configs (``set(i)``, default the first, which ``benchmarks/triton_gpu.py`` checks), and, under the interpreter,
+    every load, store and atomic checked to stay inside one kernel argument (the interpreter does not fault on
+    out-of-bounds addresses)."""
     chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
-    monkeypatch.setattr(chunk, "default_chunk_size", lambda: 64)
+    monkeypatch.setattr(chunk, "default_chunk_size", chunk.gpu_chunk_size)
     kernels = chunk.KERNELS
     saved = [(kern.configs, kern.cache) for kern in kernels]
 

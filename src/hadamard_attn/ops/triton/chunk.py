@@ -127,9 +127,19 @@ def gpu_configs(kern, i: int = 0, device: torch.device | None = None) -> list[tr
     return [triton.Config(dict(zip(keys.split(), c[:-2])), num_warps=c[-2], num_stages=c[-1])]
 
 
-def default_chunk_size() -> int:
-    """Tokens per chunk: 64 on the GPU; 16 under the interpreter (tiny tests still span several chunks)."""
-    return 16 if interpreting() else 64
+def default_chunk_size(widths: tuple[int, ...] = (), backward: bool = False) -> int:
+    """Tokens per chunk: ``gpu_chunk_size`` on the GPU; 16 under the interpreter (tiny tests still span several
+    chunks)."""
+    return 16 if interpreting() else gpu_chunk_size(widths, backward)
+
+
+def gpu_chunk_size(widths: tuple[int, ...] = (), backward: bool = False) -> int:
+    """64, and 32 for a backward with P = 3 or a factor wider than 16 (the backward's own state walk recomputes the
+    states at its own chunk size): ``chunk_bwd_kernel`` holds ``[C, C]`` blocks and ``[C, R_f]`` factor gradients in
+    the registers of two warps (``safe_configs``) and spilled at 64 (H100, N = 4,096, bf16, H = 12, Dv = 128, ms at
+    C = 64 / 32: (32, 32) 7.8 / 0.44, (64, 64) 30.1 / 1.8, (16, 16, 16) 36.7 / 2.5; the state walk 0.9 / 1.1,
+    2.9 / 4.4, 2.6 / 3.0). The forward keeps 64, where its state walk takes half the steps."""
+    return 32 if backward and (len(widths) > 2 or max(widths) > 16) else 64
 
 
 STATE_KEY = ["R1", "R2", "R3", "DV", "P", "C", "HAS_INIT"]
@@ -869,14 +879,14 @@ class ChunkHLATriton(torch.autograd.Function):
     ``torch.compile``; their Python functions in eager mode, see ``traced``)."""
 
     @staticmethod
-    def forward(ctx, P, normalize, eps, chunk_size, cu_seqlens, v, S0, z0, *factors):
+    def forward(ctx, P, normalize, eps, chunk_sizes, cu_seqlens, v, S0, z0, *factors):
         q, k = list(factors[:P]), list(factors[P:])
         backward = any(ctx.needs_input_grad)
         o, S, z, den, res = traced(chunk_fwd, _chunk_fwd)(
-            q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size, backward
+            q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_sizes[0], backward
         )
         ctx.save_for_backward(v, o, res, den, S0, z0, cu_seqlens, *factors)
-        ctx.cfg = (P, normalize, eps, chunk_size)
+        ctx.cfg = (P, normalize, eps, chunk_sizes[1])
         ctx.set_materialize_grads(False)  # an unused final state costs no zeros
         return o, S, z
 
@@ -907,10 +917,12 @@ def chunk_hadamard_attn_triton(
     """Causal HLA with the Triton forward, on validated inputs (see ``hadamard_attn``).
 
     ``q, k``: P <= 3 factors ``[B, T, H, R_f]``; ``v [B, T, H, Dv]``; state ``(S [N, H, M, Dv], z [N, H, M])``
-    in fp32. ``chunk_size``: a power of two >= 16 (default: ``default_chunk_size()``). Differentiable w.r.t. the
-    factors, ``v`` and ``initial_state``, also through the final state.
+    in fp32. ``chunk_size``: a power of two >= 16, forward and backward (default: ``default_chunk_size``, which
+    can differ between the two). Differentiable w.r.t. the factors, ``v`` and ``initial_state``, also through the
+    final state.
     """
     S0, z0 = (None, None) if initial_state is None else initial_state
-    C = chunk_size or default_chunk_size()
-    o, S, z = ChunkHLATriton.apply(len(q), normalize, eps, C, cu_seqlens, v, S0, z0, *q, *k)
+    widths = tuple(x.shape[-1] for x in q)
+    sizes = (chunk_size or default_chunk_size(), chunk_size or default_chunk_size(widths, backward=True))
+    o, S, z = ChunkHLATriton.apply(len(q), normalize, eps, sizes, cu_seqlens, v, S0, z0, *q, *k)
     return o, ((S, z) if output_final_state else None)

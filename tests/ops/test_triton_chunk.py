@@ -264,6 +264,23 @@ def test_bounds_checker_catches(hla, gpu_chunk):
         shifted_copy[(1,)](x, y, 1)
 
 
+@pytest.mark.parametrize("memory, expected", [(2**40, (64, 32)), (2**10, (64, 64))])
+def test_chunk_hadamard_attn_triton_backward_chunk_size(hla, monkeypatch, memory, expected):
+    """On the GPU the backward of wide factors takes chunks of 32 (``gpu_chunk_size``), unless its per-chunk states
+    at 32 would take more than half the device's memory."""
+    chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
+    monkeypatch.setattr(chunk, "default_chunk_size", chunk.gpu_chunk_size)
+    monkeypatch.setattr(chunk, "_device_memory", lambda device: memory)
+    sizes = []
+    apply = chunk.ChunkHLATriton.apply
+    monkeypatch.setattr(chunk.ChunkHLATriton, "apply", lambda *a: sizes.append(a[3]) or apply(*a))
+    leaves = make(1, 4, 1, (32, 4), 16, 1, False)
+    chunk.chunk_hadamard_attn_triton(tuple(leaves[:2]), tuple(leaves[2:4]), leaves[4])
+    assert sizes == [expected]
+    assert [chunk.gpu_chunk_size(w, True) for w in ((16, 16), (64,), (4, 64), (8, 8, 8))] == [64, 32, 32, 32]
+    assert chunk.gpu_chunk_size((64, 64), False) == chunk.gpu_chunk_size((64, 64), True, fits=False) == 64
+
+
 def test_chunk64_narrow_factor(hla, gpu_chunk):
     # the GPU's NaN case, smaller: widths (64, 4) (factor 2 padded to 16 in the similarities, factor blocks of 4
     # in the Khatri-Rao tiles), Dv = 128 in two Dv tiles, T = 2 chunks exactly, normalize, no initial state

@@ -4,8 +4,8 @@
 
 Every launch is recorded (nothing runs): the compiled kernel and the launcher's grid and arguments. Prints a JSON
 object of checks, each true when it holds: the fast path launches the kernel Triton compiled for the same
-specialisation with the same grid and arguments; a tensor off 16-byte alignment, or an integer equal to 1, gets
-its own kernel; with a launch hook set, Triton's own path runs.
+specialisation with the same grid and arguments; a tensor off 16-byte alignment, an integer equal to 1, or other
+compile options (``num_warps``) get their own kernel; with a launch hook set, Triton's own path runs.
 """
 
 from __future__ import annotations
@@ -71,6 +71,10 @@ def main() -> None:
     checks["a misaligned tensor gets its own kernel"] = odd[0] is not first[0] and odd[0] is slow(xs, y, 100, 2.0)[0]
     one = fast(x, y, 1, 2.0)
     checks["an integer 1 gets its own kernel"] = one[0] is not first[0] and one[0] is slow(x, y, 1, 2.0)[0]
+    warps = len(jit_runs)
+    utils.launch(scale_kernel, grid, x, y, 100, 2.0, B=32, num_warps=8)
+    eight = calls[-1]
+    checks["other compile options get their own kernel"] = eight[0] is not first[0] and len(jit_runs) == warps + 1
     hook = lambda metadata: None  # noqa: E731
     triton.knobs.runtime.launch_enter_hook.add(hook)
     before = len(jit_runs)

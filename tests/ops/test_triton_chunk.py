@@ -184,12 +184,12 @@ def test_chunk_torch_compile_fullgraph(hla):
 
 @pytest.fixture
 def gpu_chunk(hla, monkeypatch):
-    """The GPU's chunk sizes (64; the backward 32 for wide factors), each chunk kernel limited to one of its GPU
+    """The GPU's chunks of 64 (the backward's 32 for wide factors), each chunk kernel limited to one of its GPU
     configs (``set(i)``, default the first, which ``benchmarks/triton_gpu.py`` checks), and, under the interpreter,
     every load, store and atomic checked to stay inside one kernel argument (the interpreter does not fault on
     out-of-bounds addresses)."""
     chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
-    monkeypatch.setattr(chunk, "default_chunk_size", chunk.gpu_chunk_size)
+    monkeypatch.setattr(chunk, "default_chunk_size", lambda: 64)
     kernels = chunk.KERNELS
     saved = [(kern.configs, kern.cache) for kern in kernels]
 
@@ -264,21 +264,24 @@ def test_bounds_checker_catches(hla, gpu_chunk):
         shifted_copy[(1,)](x, y, 1)
 
 
-@pytest.mark.parametrize("memory, expected", [(2**40, (64, 32)), (2**10, (64, 64))])
-def test_chunk_hadamard_attn_triton_backward_chunk_size(hla, monkeypatch, memory, expected):
-    """On the GPU the backward of wide factors takes chunks of 32 (``gpu_chunk_size``), unless its per-chunk states
-    at 32 would take more than half the device's memory."""
+@pytest.mark.parametrize("small, memory, expected", [(2**30, 0, (64, 32)), (0, 2**40, (64, 32)), (0, 2**10, (64, 64))])
+def test_chunk_hadamard_attn_triton_backward_chunk_size(hla, monkeypatch, small, memory, expected):
+    """In chunks of 64 (the GPU's), the backward of wide factors takes chunks of 32 (``backward_chunk_size``), unless
+    its per-chunk states at 32 are large (over ``SMALL_STATES``) and would take more than half the free memory."""
     chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
-    monkeypatch.setattr(chunk, "default_chunk_size", chunk.gpu_chunk_size)
-    monkeypatch.setattr(chunk, "_device_memory", lambda device: memory)
+    monkeypatch.setattr(chunk, "default_chunk_size", lambda: 64)
+    monkeypatch.setattr(chunk, "SMALL_STATES", small)
+    monkeypatch.setattr(chunk, "_free_memory", lambda device: memory)
     sizes = []
     apply = chunk.ChunkHLATriton.apply
     monkeypatch.setattr(chunk.ChunkHLATriton, "apply", lambda *a: sizes.append(a[3]) or apply(*a))
     leaves = make(1, 4, 1, (32, 4), 16, 1, False)
     chunk.chunk_hadamard_attn_triton(tuple(leaves[:2]), tuple(leaves[2:4]), leaves[4])
     assert sizes == [expected]
-    assert [chunk.gpu_chunk_size(w, True) for w in ((16, 16), (64,), (4, 64), (8, 8, 8))] == [64, 32, 32, 32]
-    assert chunk.gpu_chunk_size((64, 64), False) == chunk.gpu_chunk_size((64, 64), True, fits=False) == 64
+    v = leaves[4]
+    rule = [chunk.backward_chunk_size(64, w, v, None) for w in ((16, 16), (64,), (4, 64), (8, 8, 8))]
+    assert rule == ([64, 64, 64, 64] if expected[1] == 64 else [64, 32, 32, 32])
+    assert chunk.backward_chunk_size(16, (64, 64), v, None) == 16  # the interpreter's chunks: no change
 
 
 def test_chunk64_narrow_factor(hla, gpu_chunk):

@@ -50,7 +50,6 @@ autotune over ``num_warps = 2`` configs, which Triton compiles to mma.sync (``sa
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -128,34 +127,50 @@ def gpu_configs(kern, i: int = 0, device: torch.device | None = None) -> list[tr
     return [triton.Config(dict(zip(keys.split(), c[:-2])), num_warps=c[-2], num_stages=c[-1])]
 
 
-def default_chunk_size(widths: tuple[int, ...] = (), backward: bool = False, fits: bool = True) -> int:
-    """Tokens per chunk: ``gpu_chunk_size`` on the GPU; 16 under the interpreter (tiny tests still span several
-    chunks)."""
-    return 16 if interpreting() else gpu_chunk_size(widths, backward, fits)
+def default_chunk_size() -> int:
+    """Tokens per chunk: 64 on the GPU; 16 under the interpreter (tiny tests still span several chunks)."""
+    return 16 if interpreting() else 64
 
 
-def gpu_chunk_size(widths: tuple[int, ...] = (), backward: bool = False, fits: bool = True) -> int:
-    """64, and 32 for a backward with P = 3 or a factor wider than 16 whose per-chunk states at 32 ``fits``
-    (``backward_states_fit``; the backward's own state walk recomputes the states at its own chunk size):
-    ``chunk_bwd_kernel`` holds ``[C, C]`` blocks and ``[C, R_f]`` factor gradients in the registers of two warps
-    (``safe_configs``) and spilled at 64 (H100, N = 4,096, bf16, H = 12, Dv = 128, ms at C = 64 / 32: (32, 32)
-    7.8 / 0.44, (64, 64) 30.1 / 1.8, (16, 16, 16) 36.7 / 2.5, its first autotuning candidate; the state walk 0.9 /
-    1.1, 2.9 / 4.4, 2.6 / 3.0). The forward keeps 64, where its state walk takes half the steps."""
-    return 32 if backward and fits and (len(widths) > 2 or max(widths) > 16) else 64
+def backward_chunk_size(C: int, widths: tuple[int, ...], v: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    """The backward's chunk size for a forward in chunks of ``C``: 32 where ``C`` is larger, P = 3 or a factor is
+    wider than 16, and the per-chunk states at 32 fit (``backward_states_fit``), else ``C`` (the backward's own
+    state walk recomputes the states at its own size). ``chunk_bwd_kernel`` holds ``[C, C]`` blocks and ``[C, R_f]``
+    factor gradients in the registers of two warps (``safe_configs``) and spilled at 64 (H100, N = 4,096, bf16,
+    H = 12, Dv = 128, ms at C = 64 / 32: (32, 32) 7.8 / 0.44, (64, 64) 30.1 / 1.8, (16, 16, 16) 36.7 / 2.5, its first
+    autotuning candidate; the state walk 0.9 / 1.1, 2.9 / 4.4, 2.6 / 3.0). The forward keeps 64, where its state
+    walk takes half the steps."""
+    if C > 32 and (len(widths) > 2 or max(widths) > 16) and backward_states_fit(v, math.prod(widths), cu_seqlens):
+        return 32
+    return C
 
 
-@functools.cache
-def _device_memory(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 2**62
+# per-chunk states this small (at chunk 32) are taken without asking the device for its free memory
+SMALL_STATES = 2**30
 
 
-def backward_states_fit(v: torch.Tensor, M: int, C: int = 32) -> bool:
-    """Whether the backward's two per-chunk state tensors (``hs`` and ``dhs``, ``[NT, H, M, Dv]``) at chunk size ``C``
-    take at most half the device's memory (they double from 64 to 32: (64, 64) at N = 131,072 needs 2 x 48 GiB at
-    32, 2 x 24 at 64)."""
+def _free_memory(device: torch.device) -> int:
+    """Bytes the device can still give: free, plus what PyTorch's caching allocator holds unused."""
+    if device.type != "cuda":
+        return 2**62
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def backward_states_fit(v: torch.Tensor, M: int, cu_seqlens: torch.Tensor | None, C: int = 32) -> bool:
+    """Whether the backward's two per-chunk state tensors (``hs`` and ``dhs``, ``[NT, H, M, Dv]``) at chunk size
+    ``C`` are under ``SMALL_STATES`` or take at most half of the device's free memory now
+    (they double from 64 to 32: (64, 64) at N = 131,072 needs 2 x 48 GiB at 32, 2 x 24 at 64); False for large
+    states under ``torch.compile``'s tracing, which does not query the device."""
     B, T, H, Dv = v.shape
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    chunks = B * triton.cdiv(T, C) + N - B  # a packed batch: at most one partial chunk per sequence
     size = 2 if v.dtype == torch.bfloat16 else 4  # _chunk_states
-    return 2 * B * triton.cdiv(T, C) * H * M * Dv * size <= _device_memory(v.device) // 2
+    need = 2 * chunks * H * M * Dv * size
+    if need <= SMALL_STATES:
+        return True
+    # under torch.compile's tracing no device query: the larger chunk, whose states take half the memory
+    return not torch.compiler.is_compiling() and need <= _free_memory(v.device) // 2
 
 
 STATE_KEY = ["R1", "R2", "R3", "DV", "P", "C", "HAS_INIT"]
@@ -933,13 +948,12 @@ def chunk_hadamard_attn_triton(
     """Causal HLA with the Triton forward, on validated inputs (see ``hadamard_attn``).
 
     ``q, k``: P <= 3 factors ``[B, T, H, R_f]``; ``v [B, T, H, Dv]``; state ``(S [N, H, M, Dv], z [N, H, M])``
-    in fp32. ``chunk_size``: a power of two >= 16, forward and backward (default: ``default_chunk_size``, which
-    can differ between the two). Differentiable w.r.t. the factors, ``v`` and ``initial_state``, also through the
-    final state.
+    in fp32. ``chunk_size``: a power of two >= 16, forward and backward (default: ``default_chunk_size``, and
+    ``backward_chunk_size`` for the backward). Differentiable w.r.t. the factors, ``v`` and ``initial_state``, also
+    through the final state.
     """
     S0, z0 = (None, None) if initial_state is None else initial_state
-    widths = tuple(x.shape[-1] for x in q)
-    fits = backward_states_fit(v, math.prod(widths))
-    sizes = (chunk_size or default_chunk_size(), chunk_size or default_chunk_size(widths, backward=True, fits=fits))
+    C = chunk_size or default_chunk_size()
+    sizes = (C, chunk_size or backward_chunk_size(C, tuple(x.shape[-1] for x in q), v, cu_seqlens))
     o, S, z = ChunkHLATriton.apply(len(q), normalize, eps, sizes, cu_seqlens, v, S0, z0, *q, *k)
     return o, ((S, z) if output_final_state else None)

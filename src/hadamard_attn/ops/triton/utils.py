@@ -110,16 +110,17 @@ def launch_compiled(fn, grid, args: tuple, kwargs: dict) -> None:
     """``fn[grid](*args, **kwargs)`` for a ``triton.jit`` function: Triton's own binder specialises the arguments
     (dtypes, 16-byte alignment, integers equal to 1 or divisible by 16, constexpr values), and the kernel compiled
     for that specialisation (by Triton, on its first launch) is launched directly, past the rest of
-    ``JITFunction.run`` (its cache key is a string of every compile option, built per launch). Launch hooks
+    ``JITFunction.run`` (its cache key is a string of every compile option, built per launch). The memo's key has
+    what Triton's has: the specialisation and the compile options (``num_warps``, ``num_stages``, ...). Launch hooks
     (profilers) and the interpreter take Triton's own path."""
     runtime = triton.knobs.runtime
     if not isinstance(fn, triton.runtime.JITFunction):  # the interpreter's function
         fn[grid](*args, **kwargs)
         return
     device = triton.runtime.driver.active.get_current_device()
-    bound, spec, _ = fn.device_caches[device][4](*args, **kwargs)
+    bound, spec, options = fn.device_caches[device][4](*args, **kwargs)
     compiled = fn.__dict__.setdefault("_compiled", {})
-    key = (device, runtime.debug, triton.knobs.compilation.instrumentation_mode, *spec)
+    key = (device, runtime.debug, triton.knobs.compilation.instrumentation_mode, *spec, *options.items())
     kern = compiled.get(key)
     # a hook is None or a HookChain (Triton 3.6), empty unless a profiler added one
     hooked = getattr(runtime.launch_enter_hook, "calls", runtime.launch_enter_hook) or getattr(

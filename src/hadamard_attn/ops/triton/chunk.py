@@ -77,6 +77,7 @@ from .utils import (
     kr_tile_count,
     kr_tile_t,
     launch,
+    length_class,
     load_output,
     register_wgmma_hazard,
     safe_configs,
@@ -173,7 +174,7 @@ def backward_states_fit(v: torch.Tensor, M: int, cu_seqlens: torch.Tensor | None
     return not torch.compiler.is_compiling() and need <= _free_memory(v.device) // 2
 
 
-STATE_KEY = ["R1", "R2", "R3", "DV", "P", "C", "HAS_INIT"]
+STATE_KEY = ["R1", "R2", "R3", "DV", "P", "C", "HAS_INIT", "LENGTH_CLASS"]
 
 
 @triton.jit
@@ -250,7 +251,7 @@ def walk_chunks(
 
 
 @causal_autotuned(STATE_CONFIGS, "BM BV", STATE_KEY)
-@triton.jit(do_not_specialize=["T_SEQ"])
+@triton.jit(do_not_specialize=["T_SEQ", "LENGTH_CLASS"])
 def chunk_state_kernel(
     x1,
     x2,
@@ -265,6 +266,7 @@ def chunk_state_kernel(
     cu_seqlens,
     chunk_offsets,
     T_SEQ,
+    LENGTH_CLASS,
     H: tl.constexpr,
     DV: tl.constexpr,
     R1: tl.constexpr,
@@ -288,7 +290,7 @@ def chunk_state_kernel(
 
 
 @causal_autotuned(STATE_CONFIGS, "BM BV", STATE_KEY)
-@triton.jit(do_not_specialize=["T_SEQ"])
+@triton.jit(do_not_specialize=["T_SEQ", "LENGTH_CLASS"])
 def chunk_state_bwd_kernel(
     k1,
     k2,
@@ -312,6 +314,7 @@ def chunk_state_bwd_kernel(
     cu_seqlens,
     chunk_offsets,
     T_SEQ,
+    LENGTH_CLASS,
     H: tl.constexpr,
     DV: tl.constexpr,
     R1: tl.constexpr,
@@ -402,8 +405,8 @@ def hadamard_block(
     return s1, s2, s3
 
 
-@causal_autotuned(OUTPUT_CONFIGS, "BM BV", ["R1", "R2", "R3", "DV", "P", "C", "NORMALIZE"])
-@triton.jit(do_not_specialize=["T_SEQ"])
+@causal_autotuned(OUTPUT_CONFIGS, "BM BV", ["R1", "R2", "R3", "DV", "P", "C", "NORMALIZE", "LENGTH_CLASS"])
+@triton.jit(do_not_specialize=["T_SEQ", "LENGTH_CLASS"])
 def chunk_output_kernel(
     x1,
     x2,
@@ -422,6 +425,7 @@ def chunk_output_kernel(
     chunk_tok,
     T_SEQ,
     eps,
+    LENGTH_CLASS,
     H: tl.constexpr,
     DV: tl.constexpr,
     R1: tl.constexpr,
@@ -634,8 +638,8 @@ def side_grads(
         tl.store(dv + rows[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=mask_t[:, None])
 
 
-@causal_autotuned(BWD_CONFIGS, "BM", ["R1", "R2", "R3", "DV", "P", "C", "NORMALIZE"])
-@triton.jit(do_not_specialize=["T_SEQ"])
+@causal_autotuned(BWD_CONFIGS, "BM", ["R1", "R2", "R3", "DV", "P", "C", "NORMALIZE", "LENGTH_CLASS"])
+@triton.jit(do_not_specialize=["T_SEQ", "LENGTH_CLASS"])
 def chunk_bwd_kernel(
     q1,
     q2,
@@ -662,6 +666,7 @@ def chunk_bwd_kernel(
     chunk_tok,
     T_SEQ,
     eps,
+    LENGTH_CLASS,
     H: tl.constexpr,
     DV: tl.constexpr,
     R1: tl.constexpr,
@@ -783,7 +788,7 @@ def _chunk_fwd(
     launch(
         chunk_state_kernel, _state_grid(widths, Dv, seqs.N * H),
         *factors3(k), v, S0 if has_init else S, z0 if has_init else z, hs, hz, S, z,
-        seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ,
+        seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ, LENGTH_CLASS=length_class(B * T),
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(k), C=C, HAS_INIT=has_init, IS_VARLEN=seqs.IS_VARLEN,
         DOT=DOT, PREC=PREC,
     )  # fmt: skip
@@ -793,7 +798,7 @@ def _chunk_fwd(
     launch(
         chunk_output_kernel, lambda meta: (NT, cdiv(Dv, min(meta["BV"], Dv)), H),
         *factors3(q), *factors3(k), v, hs, hz, o, res if res.numel() else o, den,
-        seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps,
+        seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps, LENGTH_CLASS=length_class(B * T),
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
         RES=res.numel() > 0, DOT=DOT, PREC=PREC,
     )  # fmt: skip
@@ -873,7 +878,7 @@ def _chunk_bwd(
         chunk_state_bwd_kernel, _state_grid(widths, Dv, seqs.N * H, 2),
         *factors3(k), v, S0 if has_init else dS, z0 if has_init else dz, hs, hz,
         *factors3(q), g, w, dS, dz, dhs, dhz, dS0 if has_init else dS, dz0 if has_init else dz,
-        seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ,
+        seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ, LENGTH_CLASS=length_class(B * T),
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, HAS_INIT=has_init, HAS_DS=has_ds,
         IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
     )  # fmt: skip
@@ -883,7 +888,7 @@ def _chunk_bwd(
     launch(
         chunk_bwd_kernel, (NT, H, 2),
         *factors3(q), *factors3(k), v, g, w, hs, hz, dhs, dhz, *factors3(dq), *factors3(dk), dv,
-        seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps,
+        seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps, LENGTH_CLASS=length_class(B * T),
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
         DOT=DOT, PREC=PREC,
     )  # fmt: skip

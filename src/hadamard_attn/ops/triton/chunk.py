@@ -160,9 +160,9 @@ def _free_memory(device: torch.device) -> int:
 
 def backward_states_fit(v: torch.Tensor, M: int, cu_seqlens: torch.Tensor | None, C: int = 32) -> bool:
     """Whether the backward's two per-chunk state tensors (``hs`` and ``dhs``, ``[NT, H, M, Dv]``) at chunk size
-    ``C`` are under ``SMALL_STATES`` or take at most half of the device's free memory now
-    (they double from 64 to 32: (64, 64) at N = 131,072 needs 2 x 48 GiB at 32, 2 x 24 at 64); False for large
-    states under ``torch.compile``'s tracing, which does not query the device."""
+    ``C`` are under ``SMALL_STATES`` or take at most half of the device's free memory now (they double from 64 to
+    32: (64, 64) at N = 131,072 needs 2 x 48 GiB at 32, 2 x 24 at 64); False for large states under
+    ``torch.compile``'s tracing, which does not query the device."""
     B, T, H, Dv = v.shape
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     chunks = B * triton.cdiv(T, C) + N - B  # a packed batch: at most one partial chunk per sequence

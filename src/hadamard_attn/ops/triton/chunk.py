@@ -179,19 +179,21 @@ STATE_KEY = ["R1", "R2", "R3", "DV", "P", "C", "HAS_INIT", "LENGTH_CLASS"]
 
 @triton.jit
 def walk_chunks(
-    x1, x2, x3, v, w, S0, z0, hs, hz, S, z, cu_seqlens, chunk_offsets, T_SEQ, i_mv, i_nh,
+    x1, x2, x3, v, w, den, eps, S0, z0, hs, hz, S, z, cu_seqlens, chunk_offsets, T_SEQ, i_mv, i_nh,
     H: tl.constexpr, DV: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, P: tl.constexpr,
-    C: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, STORE_FINAL: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, NORMALIZE: tl.constexpr,
+    STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+    BV: tl.constexpr,
 ):  # fmt: skip
     """One state tile (``i_mv``: M tile * Dv tiles + Dv tile) of one sequence and head (``i_nh``) through its
     chunks: ``hs[c], hz[c]`` = the state entering chunk ``c``, then ``S, z`` = the final state (fp32
     ``[N, H, M, DV]``, ``[N, H, M]``; if ``STORE_FINAL``); the state starts at ``S0, z0`` if ``HAS_INIT``, else 0.
 
     Forward: ``x*`` key factors ``[TT, H, R_f]``, ``v`` values, ``z`` weights 1. ``REVERSE`` (the backward's
-    state gradient): chunks last to first, ``x*`` query factors, ``v`` = ``g [TT, H, DV]``, ``z`` weights
-    ``w [TT, H]`` (fp32): ``hs[c]`` is then the gradient of the state leaving chunk ``c``, ``S`` that of the
-    initial state. ``chunk_offsets [N]``: index of each sequence's first chunk (varlen).
+    state gradient): chunks last to first, ``x*`` query factors, ``v`` = ``do [TT, H, DV]`` read as ``g``
+    (``load_g``: ``do / (den + eps)`` with ``NORMALIZE``), ``z`` weights ``w [TT, H]`` (fp32): ``hs[c]`` is then
+    the gradient of the state leaving chunk ``c``, ``S`` that of the initial state. ``chunk_offsets [N]``: index
+    of each sequence's first chunk (varlen).
     """
     B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
     B2: tl.constexpr = kr_block(2, R1, R2, R3, BM)
@@ -233,7 +235,10 @@ def walk_chunks(
         # [BMA, C]
         phi_t = kr_tile_t(x1, x2, x3, rows, mask_t, i_m, C, R1, R2, R3, B1, B2, B3, P)
         # [C, BD]
-        b_v = tl.load(v + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0)
+        if REVERSE:
+            b_v = load_g(v, den, rows, o_v, mask_t, eps, DV, NORMALIZE, DOT == tl.bfloat16)
+        else:
+            b_v = tl.load(v + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0)
         if REVERSE and DOT == tl.float16:
             # g = do / (den + eps) reaches do / eps on a query with no keys (padding): beyond fp16's range, so
             # each token's row of g is divided by its largest magnitude (carried by phi, whose rows are rescaled)
@@ -284,8 +289,9 @@ def chunk_state_kernel(
     """The forward's states (``walk_chunks`` over the keys ``x*`` and values ``v``): ``hs, hz`` entering each
     chunk and the final ``S, z``. Grid: (M tiles * Dv tiles, N * H)."""
     walk_chunks(
-        x1, x2, x3, v, v, S0, z0, hs, hz, S, z, cu_seqlens, chunk_offsets, T_SEQ, tl.program_id(0), tl.program_id(1),
-        H, DV, R1, R2, R3, P, C, HAS_INIT, False, True, IS_VARLEN, DOT, PREC, BM, BV,
+        x1, x2, x3, v, v, v, 0.0, S0, z0, hs, hz, S, z, cu_seqlens, chunk_offsets, T_SEQ,
+        tl.program_id(0), tl.program_id(1),
+        H, DV, R1, R2, R3, P, C, HAS_INIT, False, False, True, IS_VARLEN, DOT, PREC, BM, BV,
     )  # fmt: skip
 
 
@@ -303,7 +309,8 @@ def chunk_state_bwd_kernel(
     q1,
     q2,
     q3,
-    g,
+    do,
+    den,
     w,
     dS,
     dz,
@@ -314,6 +321,7 @@ def chunk_state_bwd_kernel(
     cu_seqlens,
     chunk_offsets,
     T_SEQ,
+    eps,
     LENGTH_CLASS,
     H: tl.constexpr,
     DV: tl.constexpr,
@@ -324,6 +332,7 @@ def chunk_state_bwd_kernel(
     C: tl.constexpr,
     HAS_INIT: tl.constexpr,
     HAS_DS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
@@ -331,21 +340,22 @@ def chunk_state_bwd_kernel(
     BV: tl.constexpr,
 ):
     """The backward's two walks in one launch (``walk_chunks``): ``program_id(2) == 0`` recomputes the states
-    entering the chunks ``hs, hz`` over the keys; ``1`` walks the queries in reverse over ``phi(Q)^T [g | w]``
+    entering the chunks ``hs, hz`` over the keys; ``1`` walks the queries in reverse over ``phi(Q)^T [g | w]`` (``g``
+    from ``do`` and ``den``, ``load_g``)
     from ``dS, dz`` (the final state's gradient, 0 without ``HAS_DS``) to ``dhs, dhz`` and, with ``HAS_INIT``,
     ``dS0, dz0``.
     Grid: (M tiles * Dv tiles, N * H, 2)."""
     if tl.program_id(2) == 0:
         walk_chunks(
-            k1, k2, k3, v, v, S0, z0, hs, hz, S0, z0, cu_seqlens, chunk_offsets, T_SEQ,
+            k1, k2, k3, v, v, v, 0.0, S0, z0, hs, hz, S0, z0, cu_seqlens, chunk_offsets, T_SEQ,
             tl.program_id(0), tl.program_id(1),
-            H, DV, R1, R2, R3, P, C, HAS_INIT, False, False, IS_VARLEN, DOT, PREC, BM, BV,
+            H, DV, R1, R2, R3, P, C, HAS_INIT, False, False, False, IS_VARLEN, DOT, PREC, BM, BV,
         )  # fmt: skip
     else:
         walk_chunks(
-            q1, q2, q3, g, w, dS, dz, dhs, dhz, dS0, dz0, cu_seqlens, chunk_offsets, T_SEQ,
+            q1, q2, q3, do, w, den, eps, dS, dz, dhs, dhz, dS0, dz0, cu_seqlens, chunk_offsets, T_SEQ,
             tl.program_id(0), tl.program_id(1),
-            H, DV, R1, R2, R3, P, C, HAS_DS, True, HAS_INIT, IS_VARLEN, DOT, PREC, BM, BV,
+            H, DV, R1, R2, R3, P, C, HAS_DS, True, NORMALIZE, HAS_INIT, IS_VARLEN, DOT, PREC, BM, BV,
         )  # fmt: skip
 
 
@@ -535,13 +545,14 @@ def intra_grads(
 
 @triton.jit
 def side_grads(
-    x1, x2, x3, y1, y2, y3, v, g, w, hs, hz, dx1, dx2, dx3, dv, cu_seqlens, chunk_seq, chunk_tok, T_SEQ, i_c, i_h,
+    x1, x2, x3, y1, y2, y3, v, do, den, w, hs, hz, dx1, dx2, dx3, dv, cu_seqlens, chunk_seq, chunk_tok, T_SEQ, i_c, i_h,
     eps, H: tl.constexpr, DV: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, P: tl.constexpr,
     C: tl.constexpr, KEYS: tl.constexpr, NORMALIZE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, BM: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of one side of one chunk, given ``g`` (d numerator, ``[TT, H, DV]`` fp32) and ``w`` (d
-    denominator, ``[TT, H]``). ``x*``: the factors of that side, ``y*``: those of the other one.
+    """Gradients of one side of one chunk, given ``g`` (d numerator ``[TT, H, DV]``, from ``do`` and ``den``:
+    ``load_g``) and ``w`` (d denominator, ``[TT, H]``). ``x*``: the factors of that side, ``y*``: those of the
+    other one.
 
     Queries (``dx = dq``): ``dA = tril(g V^T + w 1^T)``, ``dq_f += (dA prod_{f' != f} s_f') K_f`` and
     ``dphi(Q) = g hs_c^T + w hz_c^T`` (``hs, hz``: the states entering the chunks). With ``NORMALIZE`` the
@@ -573,7 +584,7 @@ def side_grads(
     rows = o_t * H + i_h
     base = (i_c.to(tl.int64) * H + i_h) * M
     # [C, DV]
-    b_g = tl.load(g + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0)
+    b_g = load_g(do, den, rows, o_v, mask_t, eps, DV, NORMALIZE, DOT == tl.bfloat16)
     b_v = tl.load(v + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0).to(tl.float32)
     b_w = tl.load(w + rows, mask=mask_t, other=0)  # [C]
     # g = do / (den + eps) reaches do / eps on a query with no keys (padding), beyond fp16's range: its rows go
@@ -648,7 +659,8 @@ def chunk_bwd_kernel(
     k2,
     k3,
     v,
-    g,
+    do,
+    den,
     w,
     hs,
     hz,
@@ -685,40 +697,49 @@ def chunk_bwd_kernel(
     gradients of the states leaving them ``dhs, dhz``). Grid: (NT, H, 2)."""
     if tl.program_id(2) == 0:
         side_grads(
-            q1, q2, q3, k1, k2, k3, v, g, w, hs, hz, dq1, dq2, dq3, dv, cu_seqlens, chunk_seq, chunk_tok, T_SEQ,
+            q1, q2, q3, k1, k2, k3, v, do, den, w, hs, hz, dq1, dq2, dq3, dv, cu_seqlens, chunk_seq, chunk_tok, T_SEQ,
             tl.program_id(0), tl.program_id(1), eps,
             H, DV, R1, R2, R3, P, C, False, NORMALIZE, IS_VARLEN, DOT, PREC, BM,
         )  # fmt: skip
     else:
         side_grads(
-            k1, k2, k3, q1, q2, q3, v, g, w, dhs, dhz, dk1, dk2, dk3, dv, cu_seqlens, chunk_seq, chunk_tok, T_SEQ,
+            k1, k2, k3, q1, q2, q3, v, do, den, w, dhs, dhz, dk1, dk2, dk3, dv, cu_seqlens, chunk_seq, chunk_tok, T_SEQ,
             tl.program_id(0), tl.program_id(1), eps,
             H, DV, R1, R2, R3, P, C, True, NORMALIZE, IS_VARLEN, DOT, PREC, BM,
         )  # fmt: skip
 
 
 @triton.jit
-def bwd_prep_kernel(
-    do, o, res, den, g, w, eps, R,
-    DV: tl.constexpr, NORMALIZE: tl.constexpr, RES: tl.constexpr, ROUND: tl.constexpr, BR: tl.constexpr,
-):  # fmt: skip
-    """The backward's per-(token, head) inputs, rows ``r < R = TT * H``: ``g = do / (den + eps)`` (fp32 ``[R, DV]``,
-    rounded to bf16 with ``ROUND``, bf16 inputs: as every dot reads it; fp16 dots read it divided by its row's
-    largest magnitude, so there ``w`` is consistent to fp16's rounding only) and ``w = -sum(g * o)`` (``[R]``;
-    ``o`` plus its rounding residual with ``RES``, see ``store_output``); ``do`` and 0 without ``NORMALIZE``.
-    Grid: (row blocks,)."""
-    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
-    mask = o_r < R
-    p = o_r[:, None] * DV + tl.arange(0, DV)[None, :]
-    b_g = tl.load(do + p, mask=mask[:, None], other=0).to(tl.float32)  # [BR, DV]
+def load_g(do, den, rows, o_v, mask_t, eps, DV: tl.constexpr, NORMALIZE: tl.constexpr, ROUND: tl.constexpr):
+    """The backward's ``g = do / (den + eps)`` (``do`` without ``NORMALIZE``) of ``rows``, columns ``o_v``: fp32
+    ``[len(rows), len(o_v)]``, rounded to bf16 with ``ROUND`` (bf16 dots: as every dot reads it; fp16 dots read it
+    divided by its row's largest magnitude, so there ``w`` is consistent to fp16's rounding only). Every kernel
+    that reads ``g`` forms it here, from the same operations, so ``w`` (``bwd_prep_kernel``) matches it exactly."""
+    b_g = tl.load(do + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0).to(tl.float32)
     if NORMALIZE:
-        b_g = b_g * (1.0 / (tl.load(den + o_r, mask=mask, other=0) + eps))[:, None]
+        b_g = b_g * (1.0 / (tl.load(den + rows, mask=mask_t, other=0) + eps))[:, None]
         if ROUND:
             b_g = b_g.to(tl.bfloat16).to(tl.float32)
+    return b_g
+
+
+@triton.jit
+def bwd_prep_kernel(
+    do, o, res, den, w, eps, R,
+    DV: tl.constexpr, NORMALIZE: tl.constexpr, RES: tl.constexpr, ROUND: tl.constexpr, BR: tl.constexpr,
+):  # fmt: skip
+    """The backward's ``w = -sum(g * o)`` per (token, head), rows ``r < R = TT * H`` (``[R]`` fp32; ``g`` from
+    ``load_g``, ``o`` plus its rounding residual with ``RES``, see ``store_output``; 0 without ``NORMALIZE``).
+    ``g`` itself is formed again where it is read, from ``do`` and ``den``. Grid: (row blocks,)."""
+    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    mask = o_r < R
+    if NORMALIZE:
+        o_v = tl.arange(0, DV)
+        b_g = load_g(do, den, o_r, o_v, mask, eps, DV, NORMALIZE, ROUND)  # [BR, DV]
+        p = o_r[:, None] * DV + o_v[None, :]
         b_w = -tl.sum(b_g * load_output(o, res, p, mask[:, None], RES), 1)
     else:
         b_w = tl.zeros([BR], dtype=tl.float32)
-    tl.store(g + p, b_g, mask=mask[:, None])
     tl.store(w + o_r, b_w, mask=mask)
 
 
@@ -851,13 +872,13 @@ def _chunk_bwd(
     S0 = None if S0 is None else S0.float().contiguous()
     z0 = None if z0 is None else z0.float().contiguous()
     DOT, PREC = dot_config(v.dtype)
-    # d numerator and d denominator per token: g [B, T, H, Dv], w [B, T, H] (fp32)
-    g = empty(v.shape, torch.float32, v.device)
+    # d denominator per token: w [B, T, H] (fp32); the kernels form d numerator g from do and den (load_g)
+    do = do.contiguous()
     w = empty((B, T, H), torch.float32, v.device)
     BR = 16
     launch(
         bwd_prep_kernel, (cdiv(B * T * H, BR),),
-        do.contiguous(), o.contiguous(), res if res.numel() else o, den, g, w, eps, B * T * H,
+        do, o.contiguous(), res if res.numel() else o, den, w, eps, B * T * H,
         DV=Dv, NORMALIZE=normalize, RES=res.numel() > 0, ROUND=DOT is tl.bfloat16, BR=BR,
     )  # fmt: skip
     widths = tuple(x.shape[-1] for x in q)
@@ -877,9 +898,9 @@ def _chunk_bwd(
     launch(
         chunk_state_bwd_kernel, _state_grid(widths, Dv, seqs.N * H, 2),
         *factors3(k), v, S0 if has_init else dS, z0 if has_init else dz, hs, hz,
-        *factors3(q), g, w, dS, dz, dhs, dhz, dS0 if has_init else dS, dz0 if has_init else dz,
-        seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ, LENGTH_CLASS=length_class(B * T),
-        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, HAS_INIT=has_init, HAS_DS=has_ds,
+        *factors3(q), do, den, w, dS, dz, dhs, dhz, dS0 if has_init else dS, dz0 if has_init else dz,
+        seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ, eps, LENGTH_CLASS=length_class(B * T),
+        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, HAS_INIT=has_init, HAS_DS=has_ds, NORMALIZE=normalize,
         IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
     )  # fmt: skip
     dq = [empty(x.shape, x.dtype, v.device) for x in q]
@@ -887,7 +908,7 @@ def _chunk_bwd(
     dv = empty(v.shape, v.dtype, v.device)
     launch(
         chunk_bwd_kernel, (NT, H, 2),
-        *factors3(q), *factors3(k), v, g, w, hs, hz, dhs, dhz, *factors3(dq), *factors3(dk), dv,
+        *factors3(q), *factors3(k), v, do, den, w, hs, hz, dhs, dhz, *factors3(dq), *factors3(dk), dv,
         seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps, LENGTH_CLASS=length_class(B * T),
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
         DOT=DOT, PREC=PREC,

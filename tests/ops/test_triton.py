@@ -86,6 +86,12 @@ def test_parallel_partial_outputs(used):
     check_partial(hla_triton, used, causal=False)
 
 
+@pytest.mark.parametrize("B, T, cu_seqlens", [(2, 37, None), (1, 30, [0, 1, 9, 30])])
+def test_parallel_eps_zero(B, T, cu_seqlens):
+    # eps = 0 (allowed): rows past a sequence's end stay out of every gradient (no 0 / 0)
+    check(hla_triton, (4, 8), 16, B, T, 2, True, False, cu_seqlens=cu_seqlens, causal=False, eps=0.0)
+
+
 def test_parallel_varlen_p3():
     check(hla_triton, (2, 4, 2), 16, 1, 20, 1, True, True, cu_seqlens=[0, 13, 20], causal=False)
 

@@ -76,6 +76,13 @@ def test_chunk_partial_outputs(hla, used):
     check_partial(hla, used, causal=True)
 
 
+@pytest.mark.parametrize("B, T, cu_seqlens", [(2, 37, None), (1, 40, [0, 1, 17, 40])])
+def test_chunk_eps_zero(hla, B, T, cu_seqlens):
+    # eps = 0 (allowed): rows past a sequence's end, in a short last chunk or before the next packed sequence, must
+    # not turn 0 / 0 into NaN in the backward (they did in dk and dv when g was formed from do and den)
+    check(hla, (4, 8), 16, B, T, 2, True, False, cu_seqlens=cu_seqlens, causal=True, eps=0.0)
+
+
 def test_chunk_varlen_p3(hla):
     check(hla, (2, 4, 2), 16, 1, 21, 1, True, True, cu_seqlens=[0, 13, 21], causal=True)
 

@@ -62,7 +62,7 @@ def make(B, T, H, widths, Dv, N, init, seed=0, dtype=torch.float32, real=None):
     return xs + [x.to(DEVICE).requires_grad_(True) for x in st]
 
 
-def check(hla, widths, Dv, B, T, H, normalize, init, cu_seqlens=None, tol=1e-5, real=None, *, causal):
+def check(hla, widths, Dv, B, T, H, normalize, init, cu_seqlens=None, tol=1e-5, real=None, *, causal, eps=1e-6):
     """Triton (fp32) vs naive (fp64): output, final state, and the gradients of all inputs through both."""
     P = len(widths)
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
@@ -72,7 +72,7 @@ def check(hla, widths, Dv, B, T, H, normalize, init, cu_seqlens=None, tol=1e-5, 
 
     def run(fn, xs):
         st = (xs[2 * P + 1], xs[2 * P + 2]) if init else None
-        return fn(tuple(xs[:P]), tuple(xs[P : 2 * P]), xs[2 * P], causal, normalize, 1e-6, st, True, cu)
+        return fn(tuple(xs[:P]), tuple(xs[P : 2 * P]), xs[2 * P], causal, normalize, eps, st, True, cu)
 
     o, (S, z) = run(hla.triton_hadamard_attn, leaves)
     o_ref, (S_ref, z_ref) = run(naive_hadamard_attn, ref)

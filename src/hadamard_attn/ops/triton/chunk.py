@@ -717,7 +717,8 @@ def load_g(do, den, rows, o_v, mask_t, eps, DV: tl.constexpr, NORMALIZE: tl.cons
     that reads ``g`` forms it here, from the same operations, so ``w`` (``bwd_prep_kernel``) matches it exactly."""
     b_g = tl.load(do + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0).to(tl.float32)
     if NORMALIZE:
-        b_g = b_g * (1.0 / (tl.load(den + rows, mask=mask_t, other=0) + eps))[:, None]
+        # rows past the sequence: den = 1, not 0 (0 * 1 / (0 + eps) is NaN with eps = 0)
+        b_g = b_g * (1.0 / (tl.load(den + rows, mask=mask_t, other=1) + eps))[:, None]
         if ROUND:
             b_g = b_g.to(tl.bfloat16).to(tl.float32)
     return b_g

@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python3 benchmarks/triton_gpu.py [--skip-check] [--ns 4096,32760] [--widths 32x32,64x4]
     PYTHONPATH=src python3 benchmarks/triton_gpu.py --causal [--skip-check] [--ns 4096,32760] [--widths 16x16]
-    (either with --every-config: the check runs every autotuning candidate; --graphs: CUDA-graph replays too)
+    (either with --every-config: the check runs every autotuning candidate; --graphs: CUDA-graph replays too;
+    --rounds 9: then HLA and SDPA forward+backward in alternation, 9 times each, for bars at host-bound sizes)
 
 1. correctness at real sizes: forward and every gradient against float64 (the quadratic reference up to a few
    thousand tokens, the torch ``parallel`` path beyond), outputs poisoned with NaN; bf16 at T = 131072 finite;
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 
@@ -291,21 +293,49 @@ def profile(fn):
         log(f"      {e.device_time_total / 3e3:8.3f} ms/call  {e.count // 3:3d}x  {e.key[:90]}")
 
 
-def bench_sdpa(N, H, Dv, causal=False):
-    """SDPA (flash, bf16): forward ms, forward+backward ms, peak MiB."""
+def sdpa_fns(N, H, Dv, causal=False):
+    """SDPA (flash, bf16) forward and forward+backward closures."""
     q, k, v = (torch.randn(1, H, N, Dv, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
 
     def fwd():
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     def fwd_bwd():
         return torch.autograd.grad(fwd(), (q, k, v), do)
 
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-        r = bench_ms(fwd, rep=100), bench_ms(fwd_bwd, rep=100), peak_mem(fwd_bwd)
-        log_graph_replay("SDPA", fwd, fwd_bwd)
-        return r
+    return fwd, fwd_bwd
+
+
+def bench_sdpa(N, H, Dv, causal=False):
+    """SDPA (flash, bf16): forward ms, forward+backward ms, peak MiB."""
+    fwd, fwd_bwd = sdpa_fns(N, H, Dv, causal)
+    r = bench_ms(fwd, rep=100), bench_ms(fwd_bwd, rep=100), peak_mem(fwd_bwd)
+    log_graph_replay("SDPA", fwd, fwd_bwd)
+    return r
+
+
+def bar_rounds(ns, widths_list, causal, rounds):
+    """HLA Triton and SDPA forward+backward timed in alternation, ``rounds`` times each (``do_bench`` medians), at
+    B=1, H=12, Dv=128, bf16: where a call is bound by host time, one timing swings with the host, so a bar there
+    is read from the rounds (median, range, and how many rounds HLA was faster)."""
+    H, Dv = 12, 128
+    for N in ns:
+        sdpa_fb = sdpa_fns(N, H, Dv, causal)[1]
+        for widths in widths_list:
+            q, k, v, _, leaves = make(1, N, H, widths, Dv, torch.bfloat16)
+            hla_fb = hla_fns("triton", q, k, v, leaves, causal)[1]
+            hla, sdpa = [], []
+            for _ in range(rounds):
+                hla.append(bench_ms(hla_fb))
+                sdpa.append(bench_ms(sdpa_fb))
+            wins = sum(h < t for h, t in zip(hla, sdpa))
+            log(
+                f"  rounds {'causal ' if causal else ''}N={N} {'x'.join(map(str, widths))} f+b: HLA median "
+                f"{statistics.median(hla):.3f} ms ({min(hla):.3f} to {max(hla):.3f}), SDPA median "
+                f"{statistics.median(sdpa):.3f} ms ({min(sdpa):.3f} to {max(sdpa):.3f}); HLA faster in {wins}/{rounds}"
+            )
 
 
 def bench_fla(N, H, Dv, K=FLA_K):
@@ -420,6 +450,12 @@ def main():
     p.add_argument("--causal", action="store_true", help="causal HLA: chunked kernels vs causal SDPA, torch chunk, fla")
     p.add_argument("--impls", default=None, help="default: parallel,triton (chunk,triton with --causal)")
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="then time HLA Triton and SDPA forward+backward in alternation this many times at each N and width",
+    )
+    p.add_argument(
         "--parallel-max-n",
         type=int,
         default=1 << 30,
@@ -458,6 +494,8 @@ def main():
     log(HEADER)
     for r in rows:
         log(fmt(r, peak))
+    if a.rounds:
+        bar_rounds([int(n) for n in a.ns.split(",")], widths, a.causal, a.rounds)
     if not ok:
         sys.exit(1)
 

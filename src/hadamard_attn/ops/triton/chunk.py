@@ -66,7 +66,7 @@ from .utils import (
     dummy,
     empty,
     factor_block,
-    factor_dot,
+    factor_dots,
     factors3,
     fake_forward_outputs,
     interpreting,
@@ -165,7 +165,7 @@ def backward_states_fit(v: torch.Tensor, M: int, cu_seqlens: torch.Tensor | None
     ``torch.compile``'s tracing, which does not query the device."""
     B, T, H, Dv = v.shape
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    chunks = B * triton.cdiv(T, C) + N - B  # a packed batch: at most one partial chunk per sequence
+    chunks = B * cdiv(T, C) + N - B  # a packed batch: at most one partial chunk per sequence
     size = 2 if v.dtype == torch.bfloat16 else 4  # _chunk_states
     need = 2 * chunks * H * M * Dv * size
     if need <= SMALL_STATES:
@@ -623,8 +623,7 @@ def side_grads(
             x1, x2, x3, rows, mask_t, hz + base, 1.0, R1, R2, R3, RP1, RP2, RP3, P, C, ZDOT, PREC
         )  # fmt: skip
         A = s1 * s2 * s3 if P == 3 else (s1 * s2 if P == 2 else s1)  # masked by s1
-        phi_dphi = factor_dot(x1, rows, mask_t, h1, R1, RP1)  # phi(Q) . g hs_c^T
-        phi_z = factor_dot(x1, rows, mask_t, z1, R1, RP1)  # phi(Q) . hz_c
+        phi_dphi, phi_z = factor_dots(x1, rows, mask_t, h1, z1, R1, RP1)  # phi(Q) . g hs_c^T, phi(Q) . hz_c
         b_w = -(phi_dphi + tl.sum(A * dA, 1)) / (phi_z + tl.sum(A, 1) + eps)
         b_w = tl.where(mask_t, b_w, 0)  # rows past the sequence: 0 / 0 with eps = 0
         h1 += b_w[:, None] * z1

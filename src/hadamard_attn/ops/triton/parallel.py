@@ -36,7 +36,7 @@ from .utils import (
     dot_config,
     dot_dtype,
     empty,
-    factor_dot,
+    factor_dots,
     factors3,
     fake_forward_outputs,
     interpreting,
@@ -367,7 +367,8 @@ def token_bwd_kernel(
             # along phi cancels exactly (the forward's den: bf16 P = 3 dq 4e-2 against 6e-3 in
             # test_parallel_query_gradient_cancels_in_bf16). G S^T's sums are r times the true ones (G gs against
             # S / sc), z1 is of z / sc: b_w = w r
-            b_w = -factor_dot(x1, rows, mask_t, g1, R1, W1) / (factor_dot(x1, rows, mask_t, z1, R1, W1) * sc + eps)
+            phi_dphi, phi_z = factor_dots(x1, rows, mask_t, g1, z1, R1, W1)
+            b_w = -phi_dphi / (phi_z * sc + eps)
             g1 += (b_w * sc)[:, None] * z1  # z1: of z / sc
             g2 += (b_w * sc)[:, None] * z2
             g3 += (b_w * sc)[:, None] * z3
@@ -443,17 +444,9 @@ def _with_z(S: torch.Tensor, z: torch.Tensor, scale: torch.Tensor | None, dtype:
     Sz = empty((N, H, M, Dv + 16), dot_dtype(dtype), S.device)
     BMP = 16 if interpreting() else 32
     launch(
-        pack_state_kernel,
-        (cdiv(M, BMP), N * H),
-        S,
-        z,
-        scale if scale is not None else z,
-        Sz,
-        M,
-        DV=Dv,
-        HAS_SCALE=scale is not None,
-        BMP=BMP,
-    )
+        pack_state_kernel, (cdiv(M, BMP), N * H),
+        S, z, scale if scale is not None else z, Sz, M, DV=Dv, HAS_SCALE=scale is not None, BMP=BMP,
+    )  # fmt: skip
     return Sz
 
 

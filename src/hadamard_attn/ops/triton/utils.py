@@ -427,7 +427,7 @@ def kr_state_grads(
 
     ``G [BT, DV]`` (cast to ``S``'s dtype for the dots), ``w [BT]`` fp32; ``S``, ``z``: pointers to one state
     ``[M, DV]`` and ``[M]``. With ``SPLIT_Z`` (``w`` not known yet, unused): ``g_f`` of ``G S^T`` alone, for the
-    caller's ``g_f + w zg_f`` (``den_factor_grads``; ``factor_dot`` gives the sums along ``phi(x)`` that ``w`` needs).
+    caller's ``g_f + w zg_f`` (``den_factor_grads``; ``factor_dots`` gives the sums along ``phi(x)`` that ``w`` needs).
     Returns ``(g_1, g_2, g_3, phi(x) S)``.
     """
     B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
@@ -463,15 +463,17 @@ def kr_state_grads(
 
 
 @triton.jit
-def factor_dot(x1, rows, mask_t, g1, R1: tl.constexpr, W1: tl.constexpr):
-    """``phi(x) . dphi [BT]`` fp32 from ``g1 [BT, W1]``, the first factor's gradient of ``dphi [BT, M]``: ``phi`` is
-    linear in each factor, so ``sum_m phi_m dphi_m = sum_i a1_i g1_i``. Two ``[BT, M]`` products per state tile
-    instead made the non-causal query pass 0.61 ms slower (H100, (32, 32), N = 32,760: ``token_bwd_kernel`` 1.616
-    against 1.002 ms a forward+backward). A ``w`` from two such sums (against ``g_f`` and ``zg_f``) cancels exactly
-    along ``a1`` in ``g1 + w zg1``."""
+def factor_dots(x1, rows, mask_t, g1, z1, R1: tl.constexpr, W1: tl.constexpr):
+    """``(phi(x) . dphi, phi(x) . dphi_z)`` ``[BT]`` fp32 from ``g1, z1 [BT, W1]``, the first factor's gradients of
+    ``dphi`` and ``dphi_z [BT, M]`` (one load of the factor): ``phi`` is linear in each factor, so
+    ``sum_m phi_m dphi_m = sum_i a1_i g1_i``. Two ``[BT, M]`` products per state tile instead made the non-causal
+    query pass 0.61 ms slower (H100, (32, 32), N = 32,760: ``token_bwd_kernel`` 1.616 against 1.002 ms a
+    forward+backward). A ``w`` from these sums (against ``g_f`` and ``zg_f``) cancels exactly along ``a1`` in
+    ``g1 + w zg1``."""
     o1 = tl.arange(0, W1)
     a1 = tl.load(x1 + rows[:, None] * R1 + o1[None, :], mask=mask_t[:, None] & (o1 < R1)[None, :], other=0)
-    return tl.sum(a1.to(tl.float32) * g1, 1)
+    a1 = a1.to(tl.float32)
+    return tl.sum(a1 * g1, 1), tl.sum(a1 * z1, 1)
 
 
 @triton.jit
@@ -484,9 +486,8 @@ def den_factor_grads(
     through the tensor cores: per index of the third factor, ``[BT, W2] @ [W2, W1]`` dots (widths padded with
     zeros) against the slice ``Z[:, :, i3]`` of ``z`` split in a ``DOT`` high and low part (one part for fp32 dots;
     the factors are ``DOT`` values: the sum is fp32 to about 16 bits, as ``w z^T``'s cancellation needs); P = 1 is
-    ``z`` itself. A product
-    of ``BT x M`` per factor, elementwise, cost the (32, 32) query pass 0.4 ms on the H100 (N = 32,760). ``z``: one
-    state's ``[M]``."""
+    ``z`` itself. A product of ``BT x M`` per factor, elementwise, cost the (32, 32) query pass 0.4 ms on the H100
+    (N = 32,760). ``z``: one state's ``[M]``."""
     o1 = tl.arange(0, W1)
     o2 = tl.arange(0, W2)
     o3 = tl.arange(0, W3)

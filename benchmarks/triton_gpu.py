@@ -3,7 +3,8 @@
     PYTHONPATH=src python3 benchmarks/triton_gpu.py [--skip-check] [--ns 4096,32760] [--widths 32x32,64x4]
     PYTHONPATH=src python3 benchmarks/triton_gpu.py --causal [--skip-check] [--ns 4096,32760] [--widths 16x16]
     (either with --every-config: the check runs every autotuning candidate; --graphs: CUDA-graph replays too;
-    --rounds 9: then HLA and SDPA forward+backward in alternation, 9 times each, for bars at host-bound sizes)
+    --rounds 9: then HLA and SDPA forward+backward in alternation, 9 times each, for bars at host-bound sizes;
+    --compile reduce-overhead: those rounds with both torch.compile'd in that mode)
 
 1. correctness at real sizes: forward and every gradient against float64 (the quadratic reference up to a few
    thousand tokens, the torch ``parallel`` path beyond), outputs poisoned with NaN; bf16 at T = 131072 finite;
@@ -262,8 +263,15 @@ def matmul_peak() -> float:
     return 2 * 8192**3 / ms / 1e9
 
 
-def hla_fns(impl, q, k, v, leaves, causal=False):
-    """Forward and forward+backward closures of one implementation: ``triton``, or the torch path of the mode."""
+def compiled(fwd, mode: str | None):
+    """``fwd`` ``torch.compile``d in ``mode`` (its backward with it; ``reduce-overhead``: CUDA graphs, so no host
+    time per launch), or ``fwd`` itself for None."""
+    return fwd if mode is None else torch.compile(fwd, mode=mode, fullgraph=True)
+
+
+def hla_fns(impl, q, k, v, leaves, causal=False, compile_mode=None):
+    """Forward and forward+backward closures of one implementation: ``triton``, or the torch path of the mode;
+    ``compile_mode``: see ``compiled``."""
     if impl == "triton":
 
         def fwd():
@@ -274,6 +282,7 @@ def hla_fns(impl, q, k, v, leaves, causal=False):
         def fwd():
             return torch_path(tuple(q), tuple(k), v, True, 1e-6, None, False)[0]
 
+    fwd = compiled(fwd, compile_mode)
     do = torch.randn_like(v)
 
     def fwd_bwd():
@@ -293,14 +302,16 @@ def profile(fn):
         log(f"      {e.device_time_total / 3e3:8.3f} ms/call  {e.count // 3:3d}x  {e.key[:90]}")
 
 
-def sdpa_fns(N, H, Dv, causal=False):
-    """SDPA (flash, bf16) forward and forward+backward closures."""
+def sdpa_fns(N, H, Dv, causal=False, compile_mode=None):
+    """SDPA (flash, bf16) forward and forward+backward closures; ``compile_mode``: see ``compiled``."""
     q, k, v = (torch.randn(1, H, N, Dv, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
 
     def fwd():
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    fwd = compiled(fwd, compile_mode)
 
     def fwd_bwd():
         return torch.autograd.grad(fwd(), (q, k, v), do)
@@ -316,23 +327,25 @@ def bench_sdpa(N, H, Dv, causal=False):
     return r
 
 
-def bar_rounds(ns, widths_list, causal, rounds):
+def bar_rounds(ns, widths_list, causal, rounds, compile_mode=None):
     """HLA Triton and SDPA forward+backward timed in alternation, ``rounds`` times each (``do_bench`` medians), at
     B=1, H=12, Dv=128, bf16: where a call is bound by host time, one timing swings with the host, so a bar there
-    is read from the rounds (median, range, and how many rounds HLA was faster)."""
+    is read from the rounds (median, range, and how many rounds HLA was faster). ``compile_mode``: both
+    ``torch.compile``d in that mode (``compiled``)."""
     H, Dv = 12, 128
     for N in ns:
-        sdpa_fb = sdpa_fns(N, H, Dv, causal)[1]
+        sdpa_fb = sdpa_fns(N, H, Dv, causal, compile_mode)[1]
         for widths in widths_list:
             q, k, v, _, leaves = make(1, N, H, widths, Dv, torch.bfloat16)
-            hla_fb = hla_fns("triton", q, k, v, leaves, causal)[1]
+            hla_fb = hla_fns("triton", q, k, v, leaves, causal, compile_mode)[1]
             hla, sdpa = [], []
             for _ in range(rounds):
                 hla.append(bench_ms(hla_fb))
                 sdpa.append(bench_ms(sdpa_fb))
             wins = sum(h < t for h, t in zip(hla, sdpa))
+            tag = f"compiled ({compile_mode}) " if compile_mode else ""
             log(
-                f"  rounds {'causal ' if causal else ''}N={N} {'x'.join(map(str, widths))} f+b: HLA median "
+                f"  rounds {'causal ' if causal else ''}{tag}N={N} {'x'.join(map(str, widths))} f+b: HLA median "
                 f"{statistics.median(hla):.3f} ms ({min(hla):.3f} to {max(hla):.3f}), SDPA median "
                 f"{statistics.median(sdpa):.3f} ms ({min(sdpa):.3f} to {max(sdpa):.3f}); HLA faster in {wins}/{rounds}"
             )
@@ -456,6 +469,12 @@ def main():
         help="then time HLA Triton and SDPA forward+backward in alternation this many times at each N and width",
     )
     p.add_argument(
+        "--compile",
+        default=None,
+        metavar="MODE",
+        help="--rounds with both forwards torch.compile'd in this mode (e.g. reduce-overhead: CUDA graphs)",
+    )
+    p.add_argument(
         "--parallel-max-n",
         type=int,
         default=1 << 30,
@@ -495,7 +514,7 @@ def main():
     for r in rows:
         log(fmt(r, peak))
     if a.rounds:
-        bar_rounds([int(n) for n in a.ns.split(",")], widths, a.causal, a.rounds)
+        bar_rounds([int(n) for n in a.ns.split(",")], widths, a.causal, a.rounds, a.compile)
     if not ok:
         sys.exit(1)
 

@@ -83,17 +83,69 @@ def test_chunk_eps_zero(hla, B, T, cu_seqlens):
     check(hla, (4, 8), 16, B, T, 2, True, False, cu_seqlens=cu_seqlens, causal=True, eps=0.0)
 
 
+@pytest.fixture
+def segments(hla, monkeypatch):
+    """State walks in segments of two chunks (``segment_chunks``; the GPU's 64 need sequences longer than 64
+    chunks); yields the names of the kernels launched, to show that the carries ran."""
+    chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
+    monkeypatch.setattr(chunk, "segment_chunks", lambda: 2)
+    launched = []
+    launch = chunk.launch
+
+    def recorded(kernel, *args, **kwargs):
+        launched.append(getattr(kernel, "base_fn", getattr(kernel, "fn", kernel)).__name__)
+        launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(chunk, "launch", recorded)
+    yield launched
+
+
+@pytest.mark.parametrize(
+    "widths, Dv, B, T, H, normalize, init",
+    [
+        ((4, 8), 32, 2, 101, 2, True, True),  # 7 chunks: 4 segments, the last of one short chunk; B = 2
+        ((4, 4, 2), 16, 1, 64, 1, True, False),  # P = 3, 4 chunks exactly: 2 full segments
+        ((16,), 16, 1, 48, 2, False, True),  # P = 1, unnormalised, 3 chunks: a full segment and a 1-chunk one
+    ],
+)
+def test_chunk_segmented(hla, segments, widths, Dv, B, T, H, normalize, init):
+    check(hla, widths, Dv, B, T, H, normalize, init, causal=True)
+    assert segments.count("chunk_carry_kernel") == 2  # the forward's and the backward's
+
+
+def test_chunk_segmented_short_and_packed(hla, segments):
+    # 2 chunks (one segment) and a packed batch (never segmented): no carries
+    check(hla, (4, 8), 16, 2, 32, 2, True, True, causal=True)
+    check(hla, (4, 8), 16, 1, 100, 2, True, True, cu_seqlens=[0, 60, 100], causal=True)
+    assert "chunk_carry_kernel" not in segments
+
+
+@pytest.mark.parametrize("used", ["o", "S"])
+def test_chunk_segmented_partial_outputs(hla, segments, monkeypatch, used):
+    # segments of one chunk (21 tokens: 2 of them); the backward without dS, dz (only o used) starts its reverse
+    # carries at 0
+    monkeypatch.setattr(sys.modules["hadamard_attn.ops.triton.chunk"], "segment_chunks", lambda: 1)
+    check_partial(hla, used, causal=True)
+    assert "chunk_carry_kernel" in segments
+
+
+def test_chunk_segmented_state_carried(hla, segments):
+    # 101 tokens: 7 chunks in 4 segments; cut at 51: 4 chunks (2 segments), then 50 tokens from that state (2)
+    test_chunk_state_carried(hla, 101, 51)
+    assert segments.count("chunk_carry_kernel") == 3
+
+
 def test_chunk_varlen_p3(hla):
     check(hla, (2, 4, 2), 16, 1, 21, 1, True, True, cu_seqlens=[0, 13, 21], causal=True)
 
 
-def test_chunk_state_carried(hla):
-    """Two calls, the second starting from the first's final state, give the outputs and state of one call."""
+def test_chunk_state_carried(hla, T=41, cut=19):
+    """Two calls, the second starting from the first's final state, give the outputs and state of one call (the
+    ``cut`` not at a chunk boundary)."""
     P = 2
-    xs = [x.detach() for x in make(1, 41, 2, (4, 4), 16, 1, False)]
+    xs = [x.detach() for x in make(1, T, 2, (4, 4), 16, 1, False)]
     q, k, v = tuple(xs[:P]), tuple(xs[P : 2 * P]), xs[2 * P]
     o, st = hla.triton_hadamard_attn(q, k, v, True, True, 1e-6, None, True)
-    cut = 19  # not a chunk boundary
     o1, st1 = hla.triton_hadamard_attn(
         tuple(x[:, :cut] for x in q), tuple(x[:, :cut] for x in k), v[:, :cut], True, True, 1e-6, None, True
     )
@@ -311,6 +363,32 @@ def test_chunk64_left_padding_final_state(hla, gpu_chunk):
     check(hla, (16, 16), 64, 2, 256, 2, True, False, real=real.to(DEVICE), causal=True)
 
 
+def test_segment_count(hla, monkeypatch):
+    # on an H100 (132 SMs: walks of fewer than 264 programs are segmented), chunks of 64, Dv = 128
+    chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
+    monkeypatch.setattr(chunk, "_walk_programs_wanted", lambda device: 264)
+    seqs = chunk.sequences(None, 1, 131072, torch.device("cpu"))
+
+    def count(M, H=12, seqs=seqs):
+        return chunk.segment_count(seqs, 64, M, 128, H, torch.device("cpu"))
+
+    assert count(256) == 32  # (16, 16), H = 12: 96 programs
+    assert count(1024) == 1  # (32, 32): 384
+    assert count(256, H=48) == 1  # 384
+    assert count(256, seqs=chunk.sequences(None, 2, 4096, torch.device("cpu"))) == 1  # 64 chunks: whole
+    assert count(256, seqs=chunk.sequences(None, 2, 4097, torch.device("cpu"))) == 2
+    cu = torch.tensor([0, 100000, 131072], dtype=torch.int32)
+    assert count(256, seqs=chunk.sequences(cu, 1, 131072, torch.device("cpu"))) == 1  # packed: whole
+
+
+@pytest.mark.parametrize("widths, T", [((16, 16), 300), ((4, 64), 200)])
+def test_chunk64_segmented(hla, gpu_chunk, segments, widths, T):
+    # the GPU's chunks in segments of two: (16, 16) 5 chunks of 64 (3 segments, the last chunk short); (4, 64) 4
+    # chunks forward, 7 at the backward's 32 (4 segments); B = 1, an initial state, every access in bounds
+    check(hla, widths, 64, 1, T, 2, True, True, causal=True)
+    assert segments.count("chunk_carry_kernel") == 2
+
+
 @pytest.mark.parametrize("config", [0, 1, 2, 3])
 def test_chunk64_every_config(hla, gpu_chunk, config):
     # each of the GPU's autotune configs of the three kernels: B = 2 with an initial state, T = 2 chunks exactly
@@ -324,9 +402,13 @@ def gpu_dtypes(hla, monkeypatch):
     sixteen_bit_dots(monkeypatch, sys.modules["hadamard_attn.ops.triton.chunk"])
 
 
+@pytest.mark.parametrize("segment", [64, 1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_chunk64_half_gpu_dtypes(hla, gpu_chunk, gpu_dtypes, dtype):
-    """The (64, 4) GPU case in 16 bits as the GPU runs it (16-bit dots, bf16 states): finite, close to float64."""
+def test_chunk64_half_gpu_dtypes(hla, gpu_chunk, gpu_dtypes, segments, monkeypatch, dtype, segment):
+    """The (64, 4) GPU case in 16 bits as the GPU runs it (16-bit dots, bf16 states): finite, close to float64;
+    whole walks, and segments of one chunk (2 forward, 4 in the backward's chunks of 32: bf16 states plus fp32
+    carries)."""
+    monkeypatch.setattr(sys.modules["hadamard_attn.ops.triton.chunk"], "segment_chunks", lambda: segment)
     P, real = 2, torch.ones(1, 128, dtype=torch.bool)
     real[0, :40] = False  # zero keys and values: all-zero rows and columns in the intra-chunk blocks
     leaves = make(1, 128, 2, (64, 4), 128, 1, False, dtype=dtype, real=real)
@@ -347,6 +429,7 @@ def test_chunk64_half_gpu_dtypes(hla, gpu_chunk, gpu_dtypes, dtype):
     for name, a, b in zip(names, (o, S, z, *grads), (o_ref, S_ref, z_ref, *grads_ref)):
         assert a.isfinite().all(), f"{name} not finite"
         assert rel(a, b) < 3e-2, f"{name}: {rel(a, b):.2e}"
+    assert segments.count("chunk_carry_kernel") == (2 if segment == 1 else 0)
 
 
 # --- Hopper: no wgmma with a register operand where ptxas < 13.3 would mis-schedule it (triton-lang/triton#9433)
@@ -402,7 +485,7 @@ def test_two_warp_configs_compile_without_wgmma_for_hopper(warps, wgmma):
     assert out.returncode == 0, out.stderr[-3000:]
     counts = json.loads(out.stdout.splitlines()[-1])
     with_dots = ("chunk_state_kernel", "chunk_state_bwd_kernel", "chunk_output_kernel", "chunk_bwd_kernel")
-    assert set(with_dots) <= set(counts), counts
+    assert {*with_dots, "chunk_carry_kernel"} <= set(counts), counts
     if wgmma:
         assert all(counts[name][0] > 0 for name in with_dots), counts
     else:

@@ -16,6 +16,12 @@ then runs in parallel over all chunks. A fully fused kernel (state in registers,
 the state, up to ``4096 x 256``, must be split over M tiles, and every output would become a sum over tiles
 (fp32 atomics of ``[T, Dv]`` per tile and a separate normalisation pass), more traffic than the states.
 
+A walk is sequential over its sequence's chunks. Where it would have too few programs to fill the GPU (long dense
+sequences, few heads, a small state: ``segment_count``), each sequence is walked in segments of
+``segment_chunks()`` chunks in parallel, each from a zero state; ``chunk_carry_kernel`` turns the segments'
+totals into their starting states (a prefix sum over the segments, the final state with it), and the readers
+add the start of a chunk's segment to the state they read (``load_carried``).
+
 Cost of the per-chunk states ``hs [NT, H, M, Dv]`` (``NT`` chunks in all): ``M * Dv / C`` numbers per token and
 head, linear in T. Stored in bf16 for bf16 inputs (the dtype the tensor cores read anyway), in fp32 for fp16
 (the state outgrows fp16's range at long lengths) and fp32 inputs. B=1, H=12, Dv=128, C=64, N=32,760 in bf16:
@@ -50,6 +56,7 @@ autotune over ``num_warps = 2`` configs, which Triton compiles to mma.sync (``sa
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -57,6 +64,7 @@ import triton
 import triton.language as tl
 
 from .utils import (
+    Seqs,
     at_least,
     at_most,
     autotuned,
@@ -78,6 +86,7 @@ from .utils import (
     kr_tile_t,
     launch,
     length_class,
+    load_carried,
     load_output,
     register_wgmma_hazard,
     safe_configs,
@@ -174,20 +183,56 @@ def backward_states_fit(v: torch.Tensor, M: int, cu_seqlens: torch.Tensor | None
     return not torch.compiler.is_compiling() and need <= _free_memory(v.device) // 2
 
 
-STATE_KEY = ["R1", "R2", "R3", "DV", "P", "C", "HAS_INIT", "LENGTH_CLASS"]
+def segment_chunks() -> int:
+    """Chunks per segment of a segmented state walk (``segment_count``)."""
+    return 64
+
+
+@functools.lru_cache
+def _walk_programs_wanted(device: torch.device) -> int:
+    """Programs below which a state walk is segmented: two per SM on a GPU; on the CPU (the interpreter, tests)
+    any walk long enough is."""
+    if device.type != "cuda":
+        return 2**62
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def segment_count(seqs: Seqs, C: int, M: int, Dv: int, H: int, device: torch.device) -> int:
+    """Segments per sequence of the state walks at chunk size ``C``: ``cdiv(chunks, segment_chunks())`` where a
+    walk would have fewer programs than ``_walk_programs_wanted`` (counted at 64 x 64 state tiles), else 1;
+    packed batches always 1.
+
+    A walk is sequential over the chunks of its sequence, one program per state tile, sequence and head. Each
+    segment is walked from a zero state in parallel (``walk_chunks`` with ``SEG``) and ``chunk_carry_kernel``
+    turns the segments' totals into their starts, which the readers add (``load_carried``). That costs the
+    readers a load (H100, bf16, H = 12, Dv = 128, ms a forward+backward, segmented / not): (16, 16) at 131,072
+    14.37 / 16.84 (96 programs a forward walk; the walks 3.7 against 8.6 ms, the readers 1.9 ms more), at
+    32,760 3.88 / 4.33, at 16,384 2.10 / 2.16; but (32, 32) at 32,760 (384 programs) 11.97 / 11.49.
+    Up to ``segment_chunks()`` chunks (4,096 tokens at chunk 64) a walk stays whole: there the carries' launch
+    would cost more host time than the walk saves."""
+    programs = cdiv(M, 64) * cdiv(Dv, 64) * seqs.N * H
+    if seqs.IS_VARLEN or programs >= _walk_programs_wanted(device):
+        return 1
+    return max(cdiv(cdiv(seqs.T_SEQ, C), segment_chunks()), 1)  # T = 0: one (empty) walk, which stores S0
+
+
+STATE_KEY = ["R1", "R2", "R3", "DV", "P", "C", "SEG", "HAS_INIT", "LENGTH_CLASS"]
 
 
 @triton.jit
 def walk_chunks(
-    x1, x2, x3, v, w, den, eps, S0, z0, hs, hz, S, z, cu_seqlens, chunk_offsets, T_SEQ, i_mv, i_nh,
+    x1, x2, x3, v, w, den, eps, S0, z0, hs, hz, S, z, cu_seqlens, chunk_offsets, T_SEQ, i_mv, i_nh, i_s,
     H: tl.constexpr, DV: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, P: tl.constexpr,
-    C: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, NORMALIZE: tl.constexpr,
+    C: tl.constexpr, SEG: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, NORMALIZE: tl.constexpr,
     STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
     BV: tl.constexpr,
 ):  # fmt: skip
     """One state tile (``i_mv``: M tile * Dv tiles + Dv tile) of one sequence and head (``i_nh``) through its
     chunks: ``hs[c], hz[c]`` = the state entering chunk ``c``, then ``S, z`` = the final state (fp32
     ``[N, H, M, DV]``, ``[N, H, M]``; if ``STORE_FINAL``); the state starts at ``S0, z0`` if ``HAS_INIT``, else 0.
+    With ``SEG`` > 0 (dense batches only), segment ``i_s`` alone: its ``SEG`` chunks from a zero state, the
+    states relative to the segment's start, its total to ``S, z [N * NSEG, H, ...]`` (``chunk_carry_kernel``
+    turns the totals into the carries the readers add, ``load_carried``).
 
     Forward: ``x*`` key factors ``[TT, H, R_f]``, ``v`` values, ``z`` weights 1. ``REVERSE`` (the backward's
     state gradient): chunks last to first, ``x*`` query factors, ``v`` = ``do [TT, H, DV]`` read as ``g``
@@ -219,10 +264,18 @@ def walk_chunks(
         b_s += tl.load(S0 + base * (M * DV) + o_m[:, None] * DV + o_v[None, :], mask=mask_m[:, None], other=0)
         b_z += tl.load(z0 + base * M + o_m, mask=mask_m, other=0)
     n_c = tl.cdiv(eos - bos, C)
-    for j in range(0, n_c):
+    if SEG > 0:
+        j0 = i_s * SEG
+        j1 = tl.minimum(j0 + SEG, n_c)
+        fin = (i_n * tl.cdiv(n_c, SEG) + i_s) * H + i_h  # the segment's total
+    else:
+        j0 = 0
+        j1 = n_c
+        fin = i_nh
+    for j in range(j0, j1):
         i_cs = j  # chunk within the sequence
         if REVERSE:
-            i_cs = n_c - 1 - j
+            i_cs = j0 + j1 - 1 - j
         t0 = bos + i_cs * C
         i_c = (c0 + i_cs).to(tl.int64) * H + i_h
         tl.store(
@@ -251,8 +304,9 @@ def walk_chunks(
         else:
             b_z += tl.sum(phi_t, 1)
     if STORE_FINAL:
-        tl.store(S + base * (M * DV) + o_m[:, None] * DV + o_v[None, :], b_s, mask=mask_m[:, None])
-        tl.store(z + base * M + o_m, b_z, mask=mask_z)
+        fin = fin.to(tl.int64)
+        tl.store(S + fin * (M * DV) + o_m[:, None] * DV + o_v[None, :], b_s, mask=mask_m[:, None])
+        tl.store(z + fin * M + o_m, b_z, mask=mask_z)
 
 
 @causal_autotuned(STATE_CONFIGS, "BM BV", STATE_KEY)
@@ -279,6 +333,7 @@ def chunk_state_kernel(
     R3: tl.constexpr,
     P: tl.constexpr,
     C: tl.constexpr,
+    SEG: tl.constexpr,
     HAS_INIT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr,
@@ -287,11 +342,12 @@ def chunk_state_kernel(
     BV: tl.constexpr,
 ):
     """The forward's states (``walk_chunks`` over the keys ``x*`` and values ``v``): ``hs, hz`` entering each
-    chunk and the final ``S, z``. Grid: (M tiles * Dv tiles, N * H)."""
+    chunk and the final ``S, z`` (with ``SEG``: each segment's total). Grid: (M tiles * Dv tiles, N * H,
+    segments)."""
     walk_chunks(
         x1, x2, x3, v, v, v, 0.0, S0, z0, hs, hz, S, z, cu_seqlens, chunk_offsets, T_SEQ,
-        tl.program_id(0), tl.program_id(1),
-        H, DV, R1, R2, R3, P, C, HAS_INIT, False, False, True, IS_VARLEN, DOT, PREC, BM, BV,
+        tl.program_id(0), tl.program_id(1), tl.program_id(2),
+        H, DV, R1, R2, R3, P, C, SEG, HAS_INIT, False, False, True, IS_VARLEN, DOT, PREC, BM, BV,
     )  # fmt: skip
 
 
@@ -316,8 +372,10 @@ def chunk_state_bwd_kernel(
     dz,
     dhs,
     dhz,
-    dS0,
-    dz0,
+    F,
+    Fz,
+    dF,
+    dFz,
     cu_seqlens,
     chunk_offsets,
     T_SEQ,
@@ -330,6 +388,7 @@ def chunk_state_bwd_kernel(
     R3: tl.constexpr,
     P: tl.constexpr,
     C: tl.constexpr,
+    SEG: tl.constexpr,
     HAS_INIT: tl.constexpr,
     HAS_DS: tl.constexpr,
     NORMALIZE: tl.constexpr,
@@ -339,24 +398,99 @@ def chunk_state_bwd_kernel(
     BM: tl.constexpr,
     BV: tl.constexpr,
 ):
-    """The backward's two walks in one launch (``walk_chunks``): ``program_id(2) == 0`` recomputes the states
-    entering the chunks ``hs, hz`` over the keys; ``1`` walks the queries in reverse over ``phi(Q)^T [g | w]`` (``g``
-    from ``do`` and ``den``, ``load_g``)
-    from ``dS, dz`` (the final state's gradient, 0 without ``HAS_DS``) to ``dhs, dhz`` and, with ``HAS_INIT``,
-    ``dS0, dz0``.
-    Grid: (M tiles * Dv tiles, N * H, 2)."""
-    if tl.program_id(2) == 0:
+    """The backward's two walks in one launch (``walk_chunks``): ``program_id(2) < segments`` recompute the states
+    entering the chunks ``hs, hz`` over the keys; the others walk the queries in reverse over ``phi(Q)^T [g | w]``
+    (``g`` from ``do`` and ``den``, ``load_g``) from ``dS, dz`` (the final state's gradient, 0 without ``HAS_DS``)
+    to ``dhs, dhz`` and, with ``HAS_INIT``,
+    ``dS0, dz0`` (in ``dF, dFz``). With ``SEG``: each walk segment by segment from 0, their totals to ``F, Fz``
+    and ``dF, dFz`` (``chunk_carry_kernel`` adds the starts and forms ``dS0, dz0``).
+    Grid: (M tiles * Dv tiles, N * H, 2 * segments)."""
+    NSEG = 1
+    if SEG > 0:
+        NSEG = tl.cdiv(tl.cdiv(T_SEQ, C), SEG)
+    i_s = tl.program_id(2) % NSEG
+    START_F: tl.constexpr = HAS_INIT and SEG == 0
+    START_R: tl.constexpr = HAS_DS and SEG == 0
+    FINAL_R: tl.constexpr = HAS_INIT or SEG > 0
+    if tl.program_id(2) < NSEG:
         walk_chunks(
-            k1, k2, k3, v, v, v, 0.0, S0, z0, hs, hz, S0, z0, cu_seqlens, chunk_offsets, T_SEQ,
-            tl.program_id(0), tl.program_id(1),
-            H, DV, R1, R2, R3, P, C, HAS_INIT, False, False, False, IS_VARLEN, DOT, PREC, BM, BV,
+            k1, k2, k3, v, v, v, 0.0, S0, z0, hs, hz, F, Fz, cu_seqlens, chunk_offsets, T_SEQ,
+            tl.program_id(0), tl.program_id(1), i_s,
+            H, DV, R1, R2, R3, P, C, SEG, START_F, False, False, SEG > 0, IS_VARLEN, DOT, PREC, BM, BV,
         )  # fmt: skip
     else:
         walk_chunks(
-            q1, q2, q3, do, w, den, eps, dS, dz, dhs, dhz, dS0, dz0, cu_seqlens, chunk_offsets, T_SEQ,
-            tl.program_id(0), tl.program_id(1),
-            H, DV, R1, R2, R3, P, C, HAS_DS, True, NORMALIZE, HAS_INIT, IS_VARLEN, DOT, PREC, BM, BV,
+            q1, q2, q3, do, w, den, eps, dS, dz, dhs, dhz, dF, dFz, cu_seqlens, chunk_offsets, T_SEQ,
+            tl.program_id(0), tl.program_id(1), i_s,
+            H, DV, R1, R2, R3, P, C, SEG, START_R, True, NORMALIZE, FINAL_R, IS_VARLEN, DOT, PREC, BM, BV,
         )  # fmt: skip
+
+
+@triton.jit
+def carry_segments(
+    seg, segz, S0, z0, S, z, n_seg, i_b, i_nh,
+    H: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
+    STORE_FINAL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One block of ``BLOCK`` entries of a sequence's and head's (``i_nh``) segment totals ``seg [N * n_seg, H, M,
+    DV]``, ``segz [N * n_seg, H, M]`` (fp32) turned, in place, into carries: the sum of ``S0, z0`` (with
+    ``HAS_INIT``) and the totals of the segments before (after, with ``REVERSE``); with ``STORE_FINAL`` the sum of
+    all to ``S, z [N, H, ...]``."""
+    i_n, i_h = i_nh // H, i_nh % H
+    o = i_b * BLOCK + tl.arange(0, BLOCK)
+    mask = o < M * DV
+    mask_z = o < M
+    base = i_nh.to(tl.int64)
+    run = tl.zeros([BLOCK], dtype=tl.float32)
+    run_z = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_INIT:
+        run += tl.load(S0 + base * (M * DV) + o, mask=mask, other=0)
+        run_z += tl.load(z0 + base * M + o, mask=mask_z, other=0)
+    for j in range(n_seg):
+        i_s = j
+        if REVERSE:
+            i_s = n_seg - 1 - j
+        i = (i_n * n_seg + i_s).to(tl.int64) * H + i_h
+        t = tl.load(seg + i * (M * DV) + o, mask=mask, other=0)
+        t_z = tl.load(segz + i * M + o, mask=mask_z, other=0)
+        tl.store(seg + i * (M * DV) + o, run, mask=mask)
+        tl.store(segz + i * M + o, run_z, mask=mask_z)
+        run += t
+        run_z += t_z
+    if STORE_FINAL:
+        tl.store(S + base * (M * DV) + o, run, mask=mask)
+        tl.store(z + base * M + o, run_z, mask=mask_z)
+
+
+@triton.jit(do_not_specialize=["T_SEQ"])
+def chunk_carry_kernel(
+    F, Fz, S0, z0, S, z, dF, dFz, dS, dz, dS0, dz0, T_SEQ,
+    H: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_DS: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """After a segmented walk (``walk_chunks`` with ``SEG``): ``program_id(2) == 0`` turns the forward walk's
+    segment totals ``F, Fz`` into the states entering the segments, from ``S0, z0`` (with ``HAS_INIT``), the final
+    state to ``S, z`` with ``FINAL``; ``1`` (the backward) turns the reverse walk's ``dF, dFz`` into the gradients of
+    the states leaving the segments, from ``dS, dz`` (with ``HAS_DS``), their sum to ``dS0, dz0`` with
+    ``HAS_INIT``. Grid: (blocks of ``M * DV``, N * H, 1 or 2)."""
+    n_seg = tl.cdiv(tl.cdiv(T_SEQ, C), SEG)
+    if tl.program_id(2) == 0:
+        carry_segments(
+            F, Fz, S0, z0, S, z, n_seg, tl.program_id(0), tl.program_id(1), H, M, DV, HAS_INIT, False, FINAL, BLOCK
+        )  # fmt: skip
+    else:
+        carry_segments(
+            dF, dFz, dS, dz, dS0, dz0, n_seg, tl.program_id(0), tl.program_id(1), H, M, DV, HAS_DS, True, HAS_INIT,
+            BLOCK,
+        )  # fmt: skip
+
+
+@triton.jit
+def segment_carry(i_c, T_SEQ, H: tl.constexpr, M: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr):
+    """Offset (in ``DV``-entry rows) of head 0's carry for chunk ``i_c``'s segment in ``[N * NSEG, H, M, ...]``
+    (dense batches: every sequence has ``cdiv(T_SEQ, C)`` chunks)."""
+    NC = tl.cdiv(T_SEQ, C)
+    return ((i_c // NC) * tl.cdiv(NC, SEG) + (i_c % NC) // SEG).to(tl.int64) * (H * M)
 
 
 @triton.jit
@@ -415,7 +549,7 @@ def hadamard_block(
     return s1, s2, s3
 
 
-@causal_autotuned(OUTPUT_CONFIGS, "BM BV", ["R1", "R2", "R3", "DV", "P", "C", "NORMALIZE", "LENGTH_CLASS"])
+@causal_autotuned(OUTPUT_CONFIGS, "BM BV", ["R1", "R2", "R3", "DV", "P", "C", "SEG", "NORMALIZE", "LENGTH_CLASS"])
 @triton.jit(do_not_specialize=["T_SEQ", "LENGTH_CLASS"])
 def chunk_output_kernel(
     x1,
@@ -427,6 +561,8 @@ def chunk_output_kernel(
     v,
     hs,
     hz,
+    cs,
+    cz,
     o,
     res,
     dens,
@@ -443,6 +579,7 @@ def chunk_output_kernel(
     R3: tl.constexpr,
     P: tl.constexpr,
     C: tl.constexpr,
+    SEG: tl.constexpr,
     NORMALIZE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     RES: tl.constexpr,
@@ -455,7 +592,8 @@ def chunk_output_kernel(
     denominators ``rowsum(A_c) + phi(Q_c) z_c`` go to ``dens [TT, H]`` (fp32, for the backward), and with ``RES``
     the rounding residual of ``o`` to ``res`` (``store_output``).
 
-    ``x*, y*``: query and key factors ``[TT, H, R_f]``; ``hs, hz``: the states entering the chunks;
+    ``x*, y*``: query and key factors ``[TT, H, R_f]``; ``hs, hz``: the states entering the chunks (relative to
+    their segment with ``SEG``, whose carries ``cs, cz`` are added, ``load_carried``);
     ``chunk_seq, chunk_tok [NT]``: sequence and first token of each chunk (varlen). Grid: (NT, Dv tiles, H).
     """
     B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
@@ -494,15 +632,19 @@ def chunk_output_kernel(
     acc = row_scaled_dot(A, b_v, DOT, PREC)
     # inter-chunk: the state entering the chunk
     base = (i_c.to(tl.int64) * H + i_h) * M
+    cbase = i_h * M
+    if SEG > 0:
+        cbase += segment_carry(i_c, T_SEQ, H, M, C, SEG)
     for i_m in range(NM):
         phi, _, _, _, _, _, _ = kr_tile(x1, x2, x3, rows, mask_t, i_m, C, R1, R2, R3, B1, B2, B3, P)  # [C, BMA]
         o_m = i_m * BMA + tl.arange(0, BMA)
         mask_m = o_m < M
         # [BMA, BD]
-        b_s = tl.load(hs + (base + o_m[:, None]) * DV + o_v[None, :], mask=mask_m[:, None], other=0)
+        p_s = o_m[:, None] * DV + o_v[None, :]
+        b_s = load_carried(hs + base * DV, cs + cbase * DV, p_s, mask_m[:, None], SEG > 0)
         acc += tl.dot(phi.to(b_s.dtype), b_s, input_precision=PREC)
         if NORMALIZE:
-            b_z = tl.load(hz + base + o_m, mask=mask_m, other=0)  # [BMA]
+            b_z = load_carried(hz + base, cz + cbase, o_m, mask_m, SEG > 0)  # [BMA]
             den += tl.sum(phi * b_z[None, :], 1)
     if NORMALIZE:
         acc = acc / (den + eps)[:, None]
@@ -545,10 +687,10 @@ def intra_grads(
 
 @triton.jit
 def side_grads(
-    x1, x2, x3, y1, y2, y3, v, do, den, w, hs, hz, dx1, dx2, dx3, dv, cu_seqlens, chunk_seq, chunk_tok, T_SEQ, i_c, i_h,
-    eps, H: tl.constexpr, DV: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, P: tl.constexpr,
-    C: tl.constexpr, KEYS: tl.constexpr, NORMALIZE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr, BM: tl.constexpr,
+    x1, x2, x3, y1, y2, y3, v, do, den, w, hs, hz, cs, cz, dx1, dx2, dx3, dv, cu_seqlens, chunk_seq, chunk_tok, T_SEQ,
+    i_c, i_h, eps, H: tl.constexpr, DV: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
+    P: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, KEYS: tl.constexpr, NORMALIZE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
 ):  # fmt: skip
     """Gradients of one side of one chunk, given ``g`` (d numerator ``[TT, H, DV]``, from ``do`` and ``den``:
     ``load_g``) and ``w`` (d denominator, ``[TT, H]``). ``x*``: the factors of that side, ``y*``: those of the
@@ -565,7 +707,8 @@ def side_grads(
     of the states leaving the chunks).
 
     A program owns the rows of its chunk: ``dx*`` and ``dv`` are summed in registers and stored once, in the
-    inputs' dtype.
+    inputs' dtype. With ``SEG``, ``hs, hz`` are relative to their segment, whose carries ``cs, cz`` are added
+    (``load_carried``).
     """
     RP1: tl.constexpr = at_least(R1, 16)  # widths padded for tl.dot
     RP2: tl.constexpr = at_least(R2, 16)  # widths padded for tl.dot
@@ -583,6 +726,9 @@ def side_grads(
     mask_t = o_t < eos
     rows = o_t * H + i_h
     base = (i_c.to(tl.int64) * H + i_h) * M
+    cbase = i_h * M
+    if SEG > 0:
+        cbase += segment_carry(i_c, T_SEQ, H, M, C, SEG)
     # [C, DV]
     b_g = load_g(do, den, rows, o_v, mask_t, eps, DV, NORMALIZE, DOT == tl.bfloat16)
     b_v = tl.load(v + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0).to(tl.float32)
@@ -613,14 +759,14 @@ def side_grads(
         G = b_g
     CONSISTENT: tl.constexpr = NORMALIZE and not KEYS
     h1, h2, h3, b_dv = kr_state_grads(
-        x1, x2, x3, rows, mask_t, G, b_w, hs + base * DV, hz + base,
-        DV, R1, R2, R3, RP1, RP2, RP3, P, C, BM, PREC, KEYS, CONSISTENT,
+        x1, x2, x3, rows, mask_t, G, b_w, hs + base * DV, hz + base, cs + cbase * DV, cz + cbase,
+        DV, R1, R2, R3, RP1, RP2, RP3, P, C, BM, PREC, KEYS, CONSISTENT, SEG > 0,
     )  # fmt: skip
     if CONSISTENT:
         # the rows hz_c^T of dphi(Q), through the tensor cores (fp16: in fp32, hz_c is beyond its range)
         ZDOT: tl.constexpr = tl.float32 if DOT == tl.float16 else DOT
         z1, z2, z3 = den_factor_grads(
-            x1, x2, x3, rows, mask_t, hz + base, 1.0, R1, R2, R3, RP1, RP2, RP3, P, C, ZDOT, PREC
+            x1, x2, x3, rows, mask_t, hz + base, cz + cbase, 1.0, R1, R2, R3, RP1, RP2, RP3, P, C, ZDOT, PREC, SEG > 0
         )  # fmt: skip
         A = s1 * s2 * s3 if P == 3 else (s1 * s2 if P == 2 else s1)  # masked by s1
         phi_dphi, phi_z = factor_dots(x1, rows, mask_t, h1, z1, R1, RP1)  # phi(Q) . g hs_c^T, phi(Q) . hz_c
@@ -648,7 +794,7 @@ def side_grads(
         tl.store(dv + rows[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=mask_t[:, None])
 
 
-@causal_autotuned(BWD_CONFIGS, "BM", ["R1", "R2", "R3", "DV", "P", "C", "NORMALIZE", "LENGTH_CLASS"])
+@causal_autotuned(BWD_CONFIGS, "BM", ["R1", "R2", "R3", "DV", "P", "C", "SEG", "NORMALIZE", "LENGTH_CLASS"])
 @triton.jit(do_not_specialize=["T_SEQ", "LENGTH_CLASS"])
 def chunk_bwd_kernel(
     q1,
@@ -665,6 +811,10 @@ def chunk_bwd_kernel(
     hz,
     dhs,
     dhz,
+    F,
+    Fz,
+    dF,
+    dFz,
     dq1,
     dq2,
     dq3,
@@ -685,6 +835,7 @@ def chunk_bwd_kernel(
     R3: tl.constexpr,
     P: tl.constexpr,
     C: tl.constexpr,
+    SEG: tl.constexpr,
     NORMALIZE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr,
@@ -693,18 +844,19 @@ def chunk_bwd_kernel(
 ):
     """Both sides of one chunk's gradients in one launch (``side_grads``): ``program_id(2) == 0`` the queries
     (``dq*``, through the states entering the chunks ``hs, hz``), ``1`` the keys (``dk*`` and ``dv``, through the
-    gradients of the states leaving them ``dhs, dhz``). Grid: (NT, H, 2)."""
+    gradients of the states leaving them ``dhs, dhz``); with ``SEG`` the segments' carries ``F, Fz`` and ``dF, dFz``
+    are added to them. Grid: (NT, H, 2)."""
     if tl.program_id(2) == 0:
         side_grads(
-            q1, q2, q3, k1, k2, k3, v, do, den, w, hs, hz, dq1, dq2, dq3, dv, cu_seqlens, chunk_seq, chunk_tok, T_SEQ,
-            tl.program_id(0), tl.program_id(1), eps,
-            H, DV, R1, R2, R3, P, C, False, NORMALIZE, IS_VARLEN, DOT, PREC, BM,
+            q1, q2, q3, k1, k2, k3, v, do, den, w, hs, hz, F, Fz, dq1, dq2, dq3, dv, cu_seqlens, chunk_seq, chunk_tok,
+            T_SEQ, tl.program_id(0), tl.program_id(1), eps,
+            H, DV, R1, R2, R3, P, C, SEG, False, NORMALIZE, IS_VARLEN, DOT, PREC, BM,
         )  # fmt: skip
     else:
         side_grads(
-            k1, k2, k3, q1, q2, q3, v, do, den, w, dhs, dhz, dk1, dk2, dk3, dv, cu_seqlens, chunk_seq, chunk_tok, T_SEQ,
-            tl.program_id(0), tl.program_id(1), eps,
-            H, DV, R1, R2, R3, P, C, True, NORMALIZE, IS_VARLEN, DOT, PREC, BM,
+            k1, k2, k3, q1, q2, q3, v, do, den, w, dhs, dhz, dF, dFz, dk1, dk2, dk3, dv, cu_seqlens, chunk_seq,
+            chunk_tok, T_SEQ, tl.program_id(0), tl.program_id(1), eps,
+            H, DV, R1, R2, R3, P, C, SEG, True, NORMALIZE, IS_VARLEN, DOT, PREC, BM,
         )  # fmt: skip
 
 
@@ -768,9 +920,28 @@ def _chunk_states(NT: int, H: int, M: int, Dv: int, DOT: tl.dtype, device) -> St
 
 
 def _state_grid(widths: tuple[int, ...], Dv: int, NH: int, walks: int = 1):
-    """Grid of the state kernels: (M tiles * Dv tiles, N * H, walks)."""
+    """Grid of the state kernels: (M tiles * Dv tiles, N * H, walks * segments)."""
     R1, R2, R3 = widths3(widths)
     return lambda meta: (tile_count(R1, R2, R3, meta["BM"]) * cdiv(Dv, min(meta["BV"], Dv)), NH, walks)
+
+
+def _segment_totals(n: int, H: int, M: int, Dv: int, device) -> State:
+    """Empty fp32 segment totals of a segmented walk, ``([n, H, M, Dv], [n, H, M])`` (then carries, in place)."""
+    return empty((n, H, M, Dv), torch.float32, device), empty((n, H, M), torch.float32, device)
+
+
+def _carry(F, Fz, S0, z0, S, z, dF, dFz, dS, dz, seqs, H, M, Dv, C, SEG, dS0=None, dz0=None, final=False) -> None:
+    """``chunk_carry_kernel``: the forward walk's totals ``F, Fz`` from ``S0, z0`` (None: 0), the final state to
+    ``S, z`` with ``final``; with ``dF`` (the backward) also the reverse walk's totals from ``dS, dz`` (None: 0),
+    their sum to ``dS0, dz0`` when there is an initial state."""
+    BLOCK = 1024
+    has_init, has_ds = S0 is not None, dS is not None
+    launch(
+        chunk_carry_kernel, (cdiv(M * Dv, BLOCK), seqs.N * H, 1 if dF is None else 2),
+        F, Fz, S0 if has_init else F, z0 if has_init else Fz, S if final else F, z if final else Fz,
+        *((F, Fz) * 3 if dF is None else (dF, dFz, dS if has_ds else dF, dz if has_ds else dFz, dS0, dz0)),
+        seqs.T_SEQ, H=H, M=M, DV=Dv, C=C, SEG=SEG, HAS_INIT=has_init, HAS_DS=has_ds, FINAL=final, BLOCK=BLOCK,
+    )  # fmt: skip
 
 
 def _chunk_fwd(
@@ -806,21 +977,26 @@ def _chunk_fwd(
     S = empty((seqs.N, H, M, Dv), torch.float32, v.device)
     z = empty((seqs.N, H, M), torch.float32, v.device)
     has_init = S0 is not None
+    NSEG = segment_count(seqs, C, M, Dv, H, v.device)
+    SEG = segment_chunks() if NSEG > 1 else 0
+    F, Fz = _segment_totals(seqs.N * NSEG, H, M, Dv, v.device) if SEG else (S, z)
     launch(
-        chunk_state_kernel, _state_grid(widths, Dv, seqs.N * H),
-        *factors3(k), v, S0 if has_init else S, z0 if has_init else z, hs, hz, S, z,
+        chunk_state_kernel, _state_grid(widths, Dv, seqs.N * H, NSEG),
+        *factors3(k), v, S0 if has_init else S, z0 if has_init else z, hs, hz, F, Fz,
         seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ, LENGTH_CLASS=length_class(B * T),
-        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(k), C=C, HAS_INIT=has_init, IS_VARLEN=seqs.IS_VARLEN,
-        DOT=DOT, PREC=PREC,
+        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(k), C=C, SEG=SEG, HAS_INIT=has_init and not SEG,
+        IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
     )  # fmt: skip
+    if SEG:
+        _carry(F, Fz, S0, z0, S, z, None, None, None, None, seqs, H, M, Dv, C, SEG, final=True)
     o = empty(v.shape, v.dtype, v.device)
     den = empty((B * T, H), torch.float32, v.device)
     res = empty(v.shape, v.dtype, v.device) if keeps_residual(v.dtype, normalize, backward) else v.new_empty(0)
     launch(
         chunk_output_kernel, lambda meta: (NT, cdiv(Dv, min(meta["BV"], Dv)), H),
-        *factors3(q), *factors3(k), v, hs, hz, o, res if res.numel() else o, den,
+        *factors3(q), *factors3(k), v, hs, hz, F, Fz, o, res if res.numel() else o, den,
         seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps, LENGTH_CLASS=length_class(B * T),
-        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
+        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, SEG=SEG, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
         RES=res.numel() > 0, DOT=DOT, PREC=PREC,
     )  # fmt: skip
     return o, S, z, den, res
@@ -895,22 +1071,33 @@ def _chunk_bwd(
         dS0, dz0 = empty(S0.shape, torch.float32, v.device), empty(z0.shape, torch.float32, v.device)
     else:
         dS0, dz0 = v.new_empty(0, dtype=torch.float32), v.new_empty(0, dtype=torch.float32)
+    NSEG = segment_count(seqs, C, M, Dv, H, v.device)
+    SEG = segment_chunks() if NSEG > 1 else 0
+    if SEG:
+        F, Fz = _segment_totals(seqs.N * NSEG, H, M, Dv, v.device)
+        dF, dFz = _segment_totals(seqs.N * NSEG, H, M, Dv, v.device)
+    else:  # the reverse walk ends in dS0, dz0 (with an initial state); the forward walk stores no final state
+        F, Fz = dS, dz
+        dF, dFz = (dS0, dz0) if has_init else (dS, dz)
     launch(
-        chunk_state_bwd_kernel, _state_grid(widths, Dv, seqs.N * H, 2),
+        chunk_state_bwd_kernel, _state_grid(widths, Dv, seqs.N * H, 2 * NSEG),
         *factors3(k), v, S0 if has_init else dS, z0 if has_init else dz, hs, hz,
-        *factors3(q), do, den, w, dS, dz, dhs, dhz, dS0 if has_init else dS, dz0 if has_init else dz,
+        *factors3(q), do, den, w, dS, dz, dhs, dhz, F, Fz, dF, dFz,
         seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ, eps, LENGTH_CLASS=length_class(B * T),
-        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, HAS_INIT=has_init, HAS_DS=has_ds, NORMALIZE=normalize,
-        IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
+        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, SEG=SEG, HAS_INIT=has_init, HAS_DS=has_ds,
+        NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
     )  # fmt: skip
+    if SEG:
+        ds = (dS, dz) if has_ds else (None, None)
+        _carry(F, Fz, S0, z0, None, None, dF, dFz, *ds, seqs, H, M, Dv, C, SEG, dS0=dS0, dz0=dz0)
     dq = [empty(x.shape, x.dtype, v.device) for x in q]
     dk = [empty(x.shape, x.dtype, v.device) for x in k]
     dv = empty(v.shape, v.dtype, v.device)
     launch(
         chunk_bwd_kernel, (NT, H, 2),
-        *factors3(q), *factors3(k), v, do, den, w, hs, hz, dhs, dhz, *factors3(dq), *factors3(dk), dv,
+        *factors3(q), *factors3(k), v, do, den, w, hs, hz, dhs, dhz, F, Fz, dF, dFz, *factors3(dq), *factors3(dk), dv,
         seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps, LENGTH_CLASS=length_class(B * T),
-        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
+        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, SEG=SEG, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
         DOT=DOT, PREC=PREC,
     )  # fmt: skip
     return dq, dk, dv, dS0, dz0

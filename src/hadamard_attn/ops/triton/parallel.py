@@ -355,12 +355,12 @@ def token_bwd_kernel(
         # keys and unnormalised queries: dphi = sc (G S^T + (w / sc) z^T), summed unscaled, then multiplied by sc;
         # normalised queries: (G gs) (S / sc)^T, then w z^T below
         g1, g2, g3, b_dv = kr_state_grads(
-            x1, x2, x3, rows, mask_t, b_g, b_w / sc, S + base * (M * DV), z + base * M,
-            DV, R1, R2, R3, W1, W2, W3, P, BT, BM, PREC, not QUERY, SPLIT_Z,
+            x1, x2, x3, rows, mask_t, b_g, b_w / sc, S + base * (M * DV), z + base * M, S, z,
+            DV, R1, R2, R3, W1, W2, W3, P, BT, BM, PREC, not QUERY, SPLIT_Z, False,
         )  # fmt: skip
         if SPLIT_Z:
             z1, z2, z3 = den_factor_grads(
-                x1, x2, x3, rows, mask_t, z + base * M, 1.0 / sc, R1, R2, R3, W1, W2, W3, P, BT, DOT, PREC
+                x1, x2, x3, rows, mask_t, z + base * M, z, 1.0 / sc, R1, R2, R3, W1, W2, W3, P, BT, DOT, PREC, False
             )  # fmt: skip
             # w = -sum(G * o) = -sum(phi * G S^T) / (den + eps), with den = phi . z: both sums from the factor
             # gradients they cancel against (not the forward's den, from phi rounded to DOT), so dphi's component

@@ -416,18 +416,19 @@ def load_output(o, res, offs, mask, RES: tl.constexpr):
 
 @triton.jit
 def kr_state_grads(
-    x1, x2, x3, rows, mask_t, G, w, S, z,
+    x1, x2, x3, rows, mask_t, G, w, S, z, cS, cz,
     DV: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
     W3: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, WANT_DV: tl.constexpr,
-    SPLIT_Z: tl.constexpr,
+    SPLIT_Z: tl.constexpr, CARRY: tl.constexpr,
 ):  # fmt: skip
     """Gradient through a state, over its Khatri-Rao tiles: ``dphi(x) = G S^T + w z^T`` -> the factor gradients
     ``g_f [BT, W_f]`` fp32 (``W_f >= R_f`` columns, a power of two; summed in registers, columns ``>= R_f``
     meaningless), and ``phi(x) S [BT, DV]`` fp32 if ``WANT_DV`` (else zeros).
 
     ``G [BT, DV]`` (cast to ``S``'s dtype for the dots), ``w [BT]`` fp32; ``S``, ``z``: pointers to one state
-    ``[M, DV]`` and ``[M]``. With ``SPLIT_Z`` (``w`` not known yet, unused): ``g_f`` of ``G S^T`` alone, for the
-    caller's ``g_f + w zg_f`` (``den_factor_grads``; ``factor_dots`` gives the sums along ``phi(x)`` that ``w`` needs).
+    ``[M, DV]`` and ``[M]``, plus ``cS, cz`` (fp32, same shapes) with ``CARRY`` (``load_carried``). With
+    ``SPLIT_Z`` (``w`` not known yet, unused): ``g_f`` of ``G S^T`` alone, for the caller's ``g_f + w zg_f``
+    (``den_factor_grads``; ``factor_dots`` gives the sums along ``phi(x)`` that ``w`` needs).
     Returns ``(g_1, g_2, g_3, phi(x) S)``.
     """
     B1: tl.constexpr = kr_block(1, R1, R2, R3, BM)
@@ -446,11 +447,11 @@ def kr_state_grads(
         phi, a1, a2, a3, i1, i2, i3 = kr_tile(x1, x2, x3, rows, mask_t, i_m, BT, R1, R2, R3, B1, B2, B3, P)
         o_m = i_m * BMA + tl.arange(0, BMA)
         mask_m = o_m < M
-        b_s = tl.load(S + o_m[:, None] * DV + o_v[None, :], mask=mask_m[:, None], other=0)  # [BMA, DV]
+        b_s = load_carried(S, cS, o_m[:, None] * DV + o_v[None, :], mask_m[:, None], CARRY)  # [BMA, DV]
         # [BT, DV] @ [DV, BMA]
         dphi = tl.dot(G, tl.trans(b_s), input_precision=PREC)
         if not SPLIT_Z:
-            dphi += w[:, None] * tl.load(z + o_m, mask=mask_m, other=0)[None, :]
+            dphi += w[:, None] * load_carried(z, cz, o_m, mask_m, CARRY)[None, :]
         g1, g2, g3 = kr_tile_grads(dphi, a1, a2, a3, BT, B1, B2, B3, P)
         acc1 = add_block(acc1, g1, i1, W1, B1)
         if P >= 2:
@@ -460,6 +461,16 @@ def kr_state_grads(
         if WANT_DV:
             dv += tl.dot(phi.to(b_s.dtype), b_s, input_precision=PREC)
     return tl.reshape(acc1, (BT, W1)), tl.reshape(acc2, (BT, W2)), tl.reshape(acc3, (BT, W3)), dv
+
+
+@triton.jit
+def load_carried(p, c, offs, mask, CARRY: tl.constexpr):
+    """A piece of a state, ``p[offs]`` (0 where not ``mask``), plus with ``CARRY`` the fp32 ``c[offs]`` (the
+    carry of a segmented state walk: the state entering the segment), in ``p``'s dtype."""
+    b = tl.load(p + offs, mask=mask, other=0)
+    if CARRY:
+        b = (b.to(tl.float32) + tl.load(c + offs, mask=mask, other=0)).to(p.dtype.element_ty)
+    return b
 
 
 @triton.jit
@@ -478,16 +489,16 @@ def factor_dots(x1, rows, mask_t, g1, z1, R1: tl.constexpr, W1: tl.constexpr):
 
 @triton.jit
 def den_factor_grads(
-    x1, x2, x3, rows, mask_t, z, inv_sc,
+    x1, x2, x3, rows, mask_t, z, cz, inv_sc,
     R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
-    P: tl.constexpr, BT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    P: tl.constexpr, BT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, CARRY: tl.constexpr,
 ):  # fmt: skip
     """The factor gradients ``zg_f [BT, W_f]`` fp32 of ``phi(x) . z * inv_sc`` (the rows ``z^T`` of ``dphi``),
     through the tensor cores: per index of the third factor, ``[BT, W2] @ [W2, W1]`` dots (widths padded with
     zeros) against the slice ``Z[:, :, i3]`` of ``z`` split in a ``DOT`` high and low part (one part for fp32 dots;
     the factors are ``DOT`` values: the sum is fp32 to about 16 bits, as ``w z^T``'s cancellation needs); P = 1 is
     ``z`` itself. A product of ``BT x M`` per factor, elementwise, cost the (32, 32) query pass 0.4 ms on the H100
-    (N = 32,760). ``z``: one state's ``[M]``."""
+    (N = 32,760). ``z``: one state's ``[M]``, plus ``cz`` with ``CARRY`` (``load_carried``)."""
     o1 = tl.arange(0, W1)
     o2 = tl.arange(0, W2)
     o3 = tl.arange(0, W3)
@@ -497,14 +508,14 @@ def den_factor_grads(
     zg2 = tl.zeros([BT, W2], dtype=tl.float32)
     zg3 = tl.zeros([BT, W3], dtype=tl.float32)
     if P == 1:
-        zg1 += tl.load(z + o1, mask=m1, other=0)[None, :] * inv_sc
+        zg1 += load_carried(z, cz, o1, m1, CARRY)[None, :] * inv_sc
     else:
         a1 = tl.load(x1 + rows[:, None] * R1 + o1[None, :], mask=mask_t[:, None] & m1[None, :], other=0).to(DOT)
         a2 = tl.load(x2 + rows[:, None] * R2 + o2[None, :], mask=mask_t[:, None] & m2[None, :], other=0).to(DOT)
         for i3 in range(R3):
             # Z[:, :, i3]  [W1, W2]
-            p_z = z + (o1[:, None] * R2 + o2[None, :]) * R3 + i3
-            b_z = tl.load(p_z, mask=m1[:, None] & m2[None, :], other=0) * inv_sc
+            b_z = load_carried(z, cz, (o1[:, None] * R2 + o2[None, :]) * R3 + i3, m1[:, None] & m2[None, :], CARRY)
+            b_z = b_z * inv_sc
             z_hi = b_z.to(DOT)
             t1 = tl.dot(a2, tl.trans(z_hi), input_precision=PREC)
             t2 = tl.dot(a1, z_hi, input_precision=PREC)

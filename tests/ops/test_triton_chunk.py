@@ -106,6 +106,7 @@ def segments(hla, monkeypatch):
         ((4, 8), 32, 2, 101, 2, True, True),  # 7 chunks: 4 segments, the last of one short chunk; B = 2
         ((4, 4, 2), 16, 1, 64, 1, True, False),  # P = 3, 4 chunks exactly: 2 full segments
         ((16,), 16, 1, 48, 2, False, True),  # P = 1, unnormalised, 3 chunks: a full segment and a 1-chunk one
+        ((4, 8), 16, 1, 600, 1, True, True),  # 38 chunks: 19 segments, two steps of the carries' scan (16 a step)
     ],
 )
 def test_chunk_segmented(hla, segments, widths, Dv, B, T, H, normalize, init):

@@ -430,12 +430,12 @@ def chunk_state_bwd_kernel(
 def carry_segments(
     seg, segz, S0, z0, S, z, n_seg, i_b, i_nh,
     H: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
-    STORE_FINAL: tl.constexpr, BLOCK: tl.constexpr,
+    STORE_FINAL: tl.constexpr, BLOCK: tl.constexpr, BS: tl.constexpr,
 ):  # fmt: skip
     """One block of ``BLOCK`` entries of a sequence's and head's (``i_nh``) segment totals ``seg [N * n_seg, H, M,
     DV]``, ``segz [N * n_seg, H, M]`` (fp32) turned, in place, into carries: the sum of ``S0, z0`` (with
     ``HAS_INIT``) and the totals of the segments before (after, with ``REVERSE``); with ``STORE_FINAL`` the sum of
-    all to ``S, z [N, H, ...]``."""
+    all to ``S, z [N, H, ...]``. ``BS`` segments at a time, as a ``[BS, BLOCK]`` scan (``tl.cumsum``)."""
     i_n, i_h = i_nh // H, i_nh % H
     o = i_b * BLOCK + tl.arange(0, BLOCK)
     mask = o < M * DV
@@ -446,17 +446,21 @@ def carry_segments(
     if HAS_INIT:
         run += tl.load(S0 + base * (M * DV) + o, mask=mask, other=0)
         run_z += tl.load(z0 + base * M + o, mask=mask_z, other=0)
-    for j in range(n_seg):
-        i_s = j
+    for j0 in range(0, n_seg, BS):
+        o_s = j0 + tl.arange(0, BS)  # steps, in the order of the sum
+        i_s = o_s
         if REVERSE:
-            i_s = n_seg - 1 - j
-        i = (i_n * n_seg + i_s).to(tl.int64) * H + i_h
-        t = tl.load(seg + i * (M * DV) + o, mask=mask, other=0)
-        t_z = tl.load(segz + i * M + o, mask=mask_z, other=0)
-        tl.store(seg + i * (M * DV) + o, run, mask=mask)
-        tl.store(segz + i * M + o, run_z, mask=mask_z)
-        run += t
-        run_z += t_z
+            i_s = n_seg - 1 - o_s
+        rows = (i_n * n_seg + i_s).to(tl.int64) * H + i_h  # [BS]
+        m = (o_s < n_seg)[:, None]
+        p = seg + rows[:, None] * (M * DV) + o[None, :]  # [BS, BLOCK]
+        t = tl.load(p, mask=m & mask[None, :], other=0)
+        tl.store(p, run[None, :] + (tl.cumsum(t, 0) - t), mask=m & mask[None, :])
+        run += tl.sum(t, 0)
+        p_z = segz + rows[:, None] * M + o[None, :]
+        t_z = tl.load(p_z, mask=m & mask_z[None, :], other=0)
+        tl.store(p_z, run_z[None, :] + (tl.cumsum(t_z, 0) - t_z), mask=m & mask_z[None, :])
+        run_z += tl.sum(t_z, 0)
     if STORE_FINAL:
         tl.store(S + base * (M * DV) + o, run, mask=mask)
         tl.store(z + base * M + o, run_z, mask=mask_z)
@@ -466,7 +470,7 @@ def carry_segments(
 def chunk_carry_kernel(
     F, Fz, S0, z0, S, z, dF, dFz, dS, dz, dS0, dz0, T_SEQ,
     H: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr,
-    HAS_INIT: tl.constexpr, HAS_DS: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_DS: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr, BS: tl.constexpr,
 ):  # fmt: skip
     """After a segmented walk (``walk_chunks`` with ``SEG``): ``program_id(2) == 0`` turns the forward walk's
     segment totals ``F, Fz`` into the states entering the segments, from ``S0, z0`` (with ``HAS_INIT``), the final
@@ -476,12 +480,13 @@ def chunk_carry_kernel(
     n_seg = tl.cdiv(tl.cdiv(T_SEQ, C), SEG)
     if tl.program_id(2) == 0:
         carry_segments(
-            F, Fz, S0, z0, S, z, n_seg, tl.program_id(0), tl.program_id(1), H, M, DV, HAS_INIT, False, FINAL, BLOCK
+            F, Fz, S0, z0, S, z, n_seg, tl.program_id(0), tl.program_id(1),
+            H, M, DV, HAS_INIT, False, FINAL, BLOCK, BS,
         )  # fmt: skip
     else:
         carry_segments(
-            dF, dFz, dS, dz, dS0, dz0, n_seg, tl.program_id(0), tl.program_id(1), H, M, DV, HAS_DS, True, HAS_INIT,
-            BLOCK,
+            dF, dFz, dS, dz, dS0, dz0, n_seg, tl.program_id(0), tl.program_id(1),
+            H, M, DV, HAS_DS, True, HAS_INIT, BLOCK, BS,
         )  # fmt: skip
 
 
@@ -934,13 +939,14 @@ def _carry(F, Fz, S0, z0, S, z, dF, dFz, dS, dz, seqs, H, M, Dv, C, SEG, dS0=Non
     """``chunk_carry_kernel``: the forward walk's totals ``F, Fz`` from ``S0, z0`` (None: 0), the final state to
     ``S, z`` with ``final``; with ``dF`` (the backward) also the reverse walk's totals from ``dS, dz`` (None: 0),
     their sum to ``dS0, dz0`` when there is an initial state."""
-    BLOCK = 1024
+    # a [16, 256] fp32 tile a scan step (the interpreter: wider blocks, fewer programs to simulate)
+    BLOCK, BS = (1024 if interpreting() else 256), 16
     has_init, has_ds = S0 is not None, dS is not None
     launch(
         chunk_carry_kernel, (cdiv(M * Dv, BLOCK), seqs.N * H, 1 if dF is None else 2),
         F, Fz, S0 if has_init else F, z0 if has_init else Fz, S if final else F, z if final else Fz,
         *((F, Fz) * 3 if dF is None else (dF, dFz, dS if has_ds else dF, dz if has_ds else dFz, dS0, dz0)),
-        seqs.T_SEQ, H=H, M=M, DV=Dv, C=C, SEG=SEG, HAS_INIT=has_init, HAS_DS=has_ds, FINAL=final, BLOCK=BLOCK,
+        seqs.T_SEQ, H=H, M=M, DV=Dv, C=C, SEG=SEG, HAS_INIT=has_init, HAS_DS=has_ds, FINAL=final, BLOCK=BLOCK, BS=BS,
     )  # fmt: skip
 
 

@@ -2,11 +2,11 @@
 
     env -u TRITON_INTERPRET python tests/ops/compile_sm90.py WARPS
 
-Runs one causal forward and backward ((64, 4), bf16), whole and in segments, on CPU tensors with every Triton
-launch replaced by a compile for sm_90 (the kernels do not run; their outputs are garbage), the chunk kernels
-limited to their first GPU config with ``num_warps = WARPS``. Prints a JSON object: kernel name -> [wgmma ops
-with the first operand in registers, wgmma ops with both operands in shared memory] (summed over that kernel's
-compiles).
+Runs one causal forward and backward ((64, 4), bf16), whole and in segments (dense and packed), on CPU tensors
+with every Triton launch replaced by a compile for sm_90 (the kernels do not run; their outputs are garbage), the
+chunk kernels limited to their first GPU config with ``num_warps = WARPS``. Prints a JSON object: kernel name ->
+[wgmma ops with the first operand in registers, wgmma ops with both operands in shared memory] (summed over that
+kernel's compiles).
 """
 
 from __future__ import annotations
@@ -63,11 +63,13 @@ def main(warps: int) -> None:
     q = [torch.rand(B, T, H, r, dtype=torch.bfloat16) for r in widths]
     k = [torch.rand(B, T, H, r, dtype=torch.bfloat16) for r in widths]
     v = torch.randn(B, T, H, Dv, dtype=torch.bfloat16)
-    for segment in (64, 1):  # whole walks, then segments of one chunk (the carries, the readers adding them)
+    packed = torch.tensor([0, 30, 100], dtype=torch.int32)
+    # whole walks, then segments of one chunk (the carries, the readers adding them), dense and packed
+    for segment, cu in ((64, None), (1, None), (1, packed)):
         chunk.segment_chunks = lambda segment=segment: segment
-        o, S, z, den, res = chunk.chunk_fwd(q, k, v, None, None, None, True, 1e-6, 64, True)
+        o, S, z, den, res = chunk.chunk_fwd(q, k, v, None, None, cu, True, 1e-6, 64, True)
         do, dS, dz = torch.randn_like(v), torch.zeros_like(S), torch.zeros_like(z)
-        chunk.chunk_bwd(q, k, v, o, res, den, None, None, None, do, dS, dz, True, 1e-6, 64)
+        chunk.chunk_bwd(q, k, v, o, res, den, None, None, cu, do, dS, dz, True, 1e-6, 64)
     print(json.dumps(counts))
 
 

@@ -114,11 +114,19 @@ def test_chunk_segmented(hla, segments, widths, Dv, B, T, H, normalize, init):
     assert segments.count("chunk_carry_kernel") == 2  # the forward's and the backward's
 
 
-def test_chunk_segmented_short_and_packed(hla, segments):
-    # 2 chunks (one segment) and a packed batch (never segmented): no carries
+def test_chunk_segmented_short(hla, segments):
+    # 2 chunks (one segment), dense and packed: no carries
     check(hla, (4, 8), 16, 2, 32, 2, True, True, causal=True)
-    check(hla, (4, 8), 16, 1, 100, 2, True, True, cu_seqlens=[0, 60, 100], causal=True)
+    check(hla, (4, 8), 16, 1, 32, 2, True, True, cu_seqlens=[0, 7, 32], causal=True)
     assert "chunk_carry_kernel" not in segments
+
+
+@pytest.mark.parametrize("normalize, init", [(True, True), (False, False)])
+def test_chunk_segmented_varlen(hla, segments, normalize, init):
+    # packed sequences of 1, 16, 83 and 100 tokens: 1, 1, 3 and 4 segments of two chunks of 16 (the grid has 4;
+    # the shorter sequences store nothing for the segments they lack), the last ones short
+    check(hla, (4, 8), 16, 1, 200, 2, normalize, init, cu_seqlens=[0, 1, 17, 100, 200], causal=True)
+    assert segments.count("chunk_carry_kernel") == 2
 
 
 @pytest.mark.parametrize("used", ["o", "S"])
@@ -365,28 +373,30 @@ def test_chunk64_left_padding_final_state(hla, gpu_chunk):
 
 
 def test_segment_count(hla, monkeypatch):
-    # on an H100 (132 SMs: walks of fewer than 264 programs are segmented), chunks of 64, Dv = 128
+    # on an H100 (132 SMs: walks of fewer than 264 programs are segmented), Dv = 128, segments of 64 chunks
     chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
     monkeypatch.setattr(chunk, "_walk_programs_wanted", lambda device: 264)
-    seqs = chunk.sequences(None, 1, 131072, torch.device("cpu"))
+    cpu = torch.device("cpu")
 
-    def count(M, H=12, seqs=seqs):
-        return chunk.segment_count(seqs, 64, M, 128, H, torch.device("cpu"))
+    def count(M, chunks=2048, H=12, B=1, T=131072, cu=None):
+        return chunk.segment_count(chunk.sequences(cu, B, T, cpu), chunks, M, 128, H, cpu)
 
-    assert count(256) == 32  # (16, 16), H = 12: 96 programs
+    assert count(256) == 32  # (16, 16), H = 12: 96 programs, 2048 chunks
     assert count(1024) == 1  # (32, 32): 384
     assert count(256, H=48) == 1  # 384
-    assert count(256, seqs=chunk.sequences(None, 2, 4096, torch.device("cpu"))) == 1  # 64 chunks: whole
-    assert count(256, seqs=chunk.sequences(None, 2, 4097, torch.device("cpu"))) == 2
-    cu = torch.tensor([0, 100000, 131072], dtype=torch.int32)
-    assert count(256, seqs=chunk.sequences(cu, 1, 131072, torch.device("cpu"))) == 1  # packed: whole
+    assert count(256, B=2, chunks=64) == 1  # 64 chunks: whole
+    assert count(256, B=2, chunks=65) == 2
+    assert count(256, B=3, chunks=65) == 1  # 288 programs
+    # packed: 2 sequences (192 programs), the longest of 1,563 chunks
+    assert count(256, chunks=1563, cu=torch.tensor([0, 100000, 131072], dtype=torch.int32)) == 25
 
 
-@pytest.mark.parametrize("widths, T", [((16, 16), 300), ((4, 64), 200)])
-def test_chunk64_segmented(hla, gpu_chunk, segments, widths, T):
+@pytest.mark.parametrize("widths, T, cu", [((16, 16), 300, None), ((4, 64), 200, None), ((16, 16), 330, [0, 70, 330])])
+def test_chunk64_segmented(hla, gpu_chunk, segments, widths, T, cu):
     # the GPU's chunks in segments of two: (16, 16) 5 chunks of 64 (3 segments, the last chunk short); (4, 64) 4
-    # chunks forward, 7 at the backward's 32 (4 segments); B = 1, an initial state, every access in bounds
-    check(hla, widths, 64, 1, T, 2, True, True, causal=True)
+    # chunks forward, 7 at the backward's 32 (4 segments); packed sequences of 2 and 5 chunks (1 and 3 segments);
+    # an initial state, every access in bounds
+    check(hla, widths, 64, 1, T, 2, True, True, cu_seqlens=cu, causal=True)
     assert segments.count("chunk_carry_kernel") == 2
 
 

@@ -16,8 +16,8 @@ then runs in parallel over all chunks. A fully fused kernel (state in registers,
 the state, up to ``4096 x 256``, must be split over M tiles, and every output would become a sum over tiles
 (fp32 atomics of ``[T, Dv]`` per tile and a separate normalisation pass), more traffic than the states.
 
-A walk is sequential over its sequence's chunks. Where it would have too few programs to fill the GPU (long dense
-sequences, few heads, a small state: ``segment_count``), each sequence is walked in segments of
+A walk is sequential over its sequence's chunks. Where it would have too few programs to fill the GPU (long
+sequences, few of them, few heads, a small state: ``segment_count``), each sequence is walked in segments of
 ``segment_chunks()`` chunks in parallel, each from a zero state; ``chunk_carry_kernel`` turns the segments'
 totals into their starting states (a prefix sum over the segments, the final state with it), and the readers
 add the start of a chunk's segment to the state they read (``load_carried``).
@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -197,10 +198,9 @@ def _walk_programs_wanted(device: torch.device) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def segment_count(seqs: Seqs, C: int, M: int, Dv: int, H: int, device: torch.device) -> int:
-    """Segments per sequence of the state walks at chunk size ``C``: ``cdiv(chunks, segment_chunks())`` where a
-    walk would have fewer programs than ``_walk_programs_wanted`` (counted at 64 x 64 state tiles), else 1;
-    packed batches always 1.
+def segment_count(seqs: Seqs, chunks: int, M: int, Dv: int, H: int, device: torch.device) -> int:
+    """Segments of the state walks for sequences of at most ``chunks`` chunks: ``cdiv(chunks, segment_chunks())``
+    where a walk would have fewer programs than ``_walk_programs_wanted`` (counted at 64 x 64 state tiles), else 1.
 
     A walk is sequential over the chunks of its sequence, one program per state tile, sequence and head. Each
     segment is walked from a zero state in parallel (``walk_chunks`` with ``SEG``) and ``chunk_carry_kernel``
@@ -211,9 +211,9 @@ def segment_count(seqs: Seqs, C: int, M: int, Dv: int, H: int, device: torch.dev
     Up to ``segment_chunks()`` chunks (4,096 tokens at chunk 64) a walk stays whole: there the carries' launch
     would cost more host time than the walk saves."""
     programs = cdiv(M, 64) * cdiv(Dv, 64) * seqs.N * H
-    if seqs.IS_VARLEN or programs >= _walk_programs_wanted(device):
+    if programs >= _walk_programs_wanted(device):
         return 1
-    return max(cdiv(cdiv(seqs.T_SEQ, C), segment_chunks()), 1)  # T = 0: one (empty) walk, which stores S0
+    return max(cdiv(chunks, segment_chunks()), 1)  # T = 0: one (empty) walk, which stores S0
 
 
 STATE_KEY = ["R1", "R2", "R3", "DV", "P", "C", "SEG", "HAS_INIT", "LENGTH_CLASS"]
@@ -221,7 +221,7 @@ STATE_KEY = ["R1", "R2", "R3", "DV", "P", "C", "SEG", "HAS_INIT", "LENGTH_CLASS"
 
 @triton.jit
 def walk_chunks(
-    x1, x2, x3, v, w, den, eps, S0, z0, hs, hz, S, z, cu_seqlens, chunk_offsets, T_SEQ, i_mv, i_nh, i_s,
+    x1, x2, x3, v, w, den, eps, S0, z0, hs, hz, S, z, cu_seqlens, chunk_offsets, seg_offsets, T_SEQ, i_mv, i_nh, i_s,
     H: tl.constexpr, DV: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, P: tl.constexpr,
     C: tl.constexpr, SEG: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, NORMALIZE: tl.constexpr,
     STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
@@ -230,9 +230,10 @@ def walk_chunks(
     """One state tile (``i_mv``: M tile * Dv tiles + Dv tile) of one sequence and head (``i_nh``) through its
     chunks: ``hs[c], hz[c]`` = the state entering chunk ``c``, then ``S, z`` = the final state (fp32
     ``[N, H, M, DV]``, ``[N, H, M]``; if ``STORE_FINAL``); the state starts at ``S0, z0`` if ``HAS_INIT``, else 0.
-    With ``SEG`` > 0 (dense batches only), segment ``i_s`` alone: its ``SEG`` chunks from a zero state, the
-    states relative to the segment's start, its total to ``S, z [N * NSEG, H, ...]`` (``chunk_carry_kernel``
-    turns the totals into the carries the readers add, ``load_carried``).
+    With ``SEG`` > 0, segment ``i_s`` alone: its ``SEG`` chunks from a zero state, the states relative to the
+    segment's start, its total to row ``segment_row`` of ``S, z [segment rows, H, ...]`` (``chunk_carry_kernel``
+    turns the totals into the carries the readers add, ``load_carried``); a sequence with fewer segments than
+    the grid stores nothing for the others.
 
     Forward: ``x*`` key factors ``[TT, H, R_f]``, ``v`` values, ``z`` weights 1. ``REVERSE`` (the backward's
     state gradient): chunks last to first, ``x*`` query factors, ``v`` = ``do [TT, H, DV]`` read as ``g``
@@ -267,11 +268,13 @@ def walk_chunks(
     if SEG > 0:
         j0 = i_s * SEG
         j1 = tl.minimum(j0 + SEG, n_c)
-        fin = (i_n * tl.cdiv(n_c, SEG) + i_s) * H + i_h  # the segment's total
+        fin = segment_row(seg_offsets, i_n, j0, T_SEQ, C, SEG, IS_VARLEN) * H + i_h  # the segment's total
+        has_seg = (j0 < n_c) | (i_s == 0)  # segment 0 of an empty sequence: a zero total
     else:
         j0 = 0
         j1 = n_c
         fin = i_nh
+        has_seg = i_s == 0
     for j in range(j0, j1):
         i_cs = j  # chunk within the sequence
         if REVERSE:
@@ -305,8 +308,8 @@ def walk_chunks(
             b_z += tl.sum(phi_t, 1)
     if STORE_FINAL:
         fin = fin.to(tl.int64)
-        tl.store(S + fin * (M * DV) + o_m[:, None] * DV + o_v[None, :], b_s, mask=mask_m[:, None])
-        tl.store(z + fin * M + o_m, b_z, mask=mask_z)
+        tl.store(S + fin * (M * DV) + o_m[:, None] * DV + o_v[None, :], b_s, mask=mask_m[:, None] & has_seg)
+        tl.store(z + fin * M + o_m, b_z, mask=mask_z & has_seg)
 
 
 @causal_autotuned(STATE_CONFIGS, "BM BV", STATE_KEY)
@@ -324,6 +327,7 @@ def chunk_state_kernel(
     z,
     cu_seqlens,
     chunk_offsets,
+    seg_offsets,
     T_SEQ,
     LENGTH_CLASS,
     H: tl.constexpr,
@@ -345,14 +349,14 @@ def chunk_state_kernel(
     chunk and the final ``S, z`` (with ``SEG``: each segment's total). Grid: (M tiles * Dv tiles, N * H,
     segments)."""
     walk_chunks(
-        x1, x2, x3, v, v, v, 0.0, S0, z0, hs, hz, S, z, cu_seqlens, chunk_offsets, T_SEQ,
+        x1, x2, x3, v, v, v, 0.0, S0, z0, hs, hz, S, z, cu_seqlens, chunk_offsets, seg_offsets, T_SEQ,
         tl.program_id(0), tl.program_id(1), tl.program_id(2),
         H, DV, R1, R2, R3, P, C, SEG, HAS_INIT, False, False, True, IS_VARLEN, DOT, PREC, BM, BV,
     )  # fmt: skip
 
 
 @causal_autotuned(STATE_CONFIGS, "BM BV", STATE_KEY)
-@triton.jit(do_not_specialize=["T_SEQ", "LENGTH_CLASS"])
+@triton.jit(do_not_specialize=["T_SEQ", "NSEG", "LENGTH_CLASS"])
 def chunk_state_bwd_kernel(
     k1,
     k2,
@@ -378,7 +382,9 @@ def chunk_state_bwd_kernel(
     dFz,
     cu_seqlens,
     chunk_offsets,
+    seg_offsets,
     T_SEQ,
+    NSEG,
     eps,
     LENGTH_CLASS,
     H: tl.constexpr,
@@ -404,23 +410,20 @@ def chunk_state_bwd_kernel(
     to ``dhs, dhz`` and, with ``HAS_INIT``,
     ``dS0, dz0`` (in ``dF, dFz``). With ``SEG``: each walk segment by segment from 0, their totals to ``F, Fz``
     and ``dF, dFz`` (``chunk_carry_kernel`` adds the starts and forms ``dS0, dz0``).
-    Grid: (M tiles * Dv tiles, N * H, 2 * segments)."""
-    NSEG = 1
-    if SEG > 0:
-        NSEG = tl.cdiv(tl.cdiv(T_SEQ, C), SEG)
+    Grid: (M tiles * Dv tiles, N * H, 2 * ``NSEG``)."""
     i_s = tl.program_id(2) % NSEG
     START_F: tl.constexpr = HAS_INIT and SEG == 0
     START_R: tl.constexpr = HAS_DS and SEG == 0
     FINAL_R: tl.constexpr = HAS_INIT or SEG > 0
     if tl.program_id(2) < NSEG:
         walk_chunks(
-            k1, k2, k3, v, v, v, 0.0, S0, z0, hs, hz, F, Fz, cu_seqlens, chunk_offsets, T_SEQ,
+            k1, k2, k3, v, v, v, 0.0, S0, z0, hs, hz, F, Fz, cu_seqlens, chunk_offsets, seg_offsets, T_SEQ,
             tl.program_id(0), tl.program_id(1), i_s,
             H, DV, R1, R2, R3, P, C, SEG, START_F, False, False, SEG > 0, IS_VARLEN, DOT, PREC, BM, BV,
         )  # fmt: skip
     else:
         walk_chunks(
-            q1, q2, q3, do, w, den, eps, dS, dz, dhs, dhz, dF, dFz, cu_seqlens, chunk_offsets, T_SEQ,
+            q1, q2, q3, do, w, den, eps, dS, dz, dhs, dhz, dF, dFz, cu_seqlens, chunk_offsets, seg_offsets, T_SEQ,
             tl.program_id(0), tl.program_id(1), i_s,
             H, DV, R1, R2, R3, P, C, SEG, START_R, True, NORMALIZE, FINAL_R, IS_VARLEN, DOT, PREC, BM, BV,
         )  # fmt: skip
@@ -428,15 +431,16 @@ def chunk_state_bwd_kernel(
 
 @triton.jit
 def carry_segments(
-    seg, segz, S0, z0, S, z, n_seg, i_b, i_nh,
+    seg, segz, S0, z0, S, z, first, n_seg, i_b, i_nh,
     H: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
     STORE_FINAL: tl.constexpr, BLOCK: tl.constexpr, BS: tl.constexpr,
 ):  # fmt: skip
-    """One block of ``BLOCK`` entries of a sequence's and head's (``i_nh``) segment totals ``seg [N * n_seg, H, M,
-    DV]``, ``segz [N * n_seg, H, M]`` (fp32) turned, in place, into carries: the sum of ``S0, z0`` (with
+    """One block of ``BLOCK`` entries of a sequence's and head's (``i_nh``) ``n_seg`` segment totals, rows
+    ``first`` on of ``seg [rows, H, M, DV]``, ``segz [rows, H, M]`` (fp32), turned in place into carries: the sum
+    of ``S0, z0`` (with
     ``HAS_INIT``) and the totals of the segments before (after, with ``REVERSE``); with ``STORE_FINAL`` the sum of
     all to ``S, z [N, H, ...]``. ``BS`` segments at a time, as a ``[BS, BLOCK]`` scan (``tl.cumsum``)."""
-    i_n, i_h = i_nh // H, i_nh % H
+    i_h = i_nh % H
     o = i_b * BLOCK + tl.arange(0, BLOCK)
     mask = o < M * DV
     mask_z = o < M
@@ -451,7 +455,7 @@ def carry_segments(
         i_s = o_s
         if REVERSE:
             i_s = n_seg - 1 - o_s
-        rows = (i_n * n_seg + i_s).to(tl.int64) * H + i_h  # [BS]
+        rows = (first + i_s).to(tl.int64) * H + i_h  # [BS]
         m = (o_s < n_seg)[:, None]
         p = seg + rows[:, None] * (M * DV) + o[None, :]  # [BS, BLOCK]
         t = tl.load(p, mask=m & mask[None, :], other=0)
@@ -468,34 +472,42 @@ def carry_segments(
 
 @triton.jit(do_not_specialize=["T_SEQ"])
 def chunk_carry_kernel(
-    F, Fz, S0, z0, S, z, dF, dFz, dS, dz, dS0, dz0, T_SEQ,
+    F, Fz, S0, z0, S, z, dF, dFz, dS, dz, dS0, dz0, cu_seqlens, seg_offsets, T_SEQ,
     H: tl.constexpr, M: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr,
-    HAS_INIT: tl.constexpr, HAS_DS: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr, BS: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_DS: tl.constexpr, FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BLOCK: tl.constexpr, BS: tl.constexpr,
 ):  # fmt: skip
     """After a segmented walk (``walk_chunks`` with ``SEG``): ``program_id(2) == 0`` turns the forward walk's
     segment totals ``F, Fz`` into the states entering the segments, from ``S0, z0`` (with ``HAS_INIT``), the final
     state to ``S, z`` with ``FINAL``; ``1`` (the backward) turns the reverse walk's ``dF, dFz`` into the gradients of
     the states leaving the segments, from ``dS, dz`` (with ``HAS_DS``), their sum to ``dS0, dz0`` with
     ``HAS_INIT``. Grid: (blocks of ``M * DV``, N * H, 1 or 2)."""
-    n_seg = tl.cdiv(tl.cdiv(T_SEQ, C), SEG)
+    i_n = tl.program_id(1) // H
+    bos, eos = seq_bounds(cu_seqlens, i_n, T_SEQ, IS_VARLEN)
+    n_seg = tl.maximum(tl.cdiv(tl.cdiv(eos - bos, C), SEG), 1)
+    first = segment_row(seg_offsets, i_n, 0, T_SEQ, C, SEG, IS_VARLEN)
     if tl.program_id(2) == 0:
         carry_segments(
-            F, Fz, S0, z0, S, z, n_seg, tl.program_id(0), tl.program_id(1),
+            F, Fz, S0, z0, S, z, first, n_seg, tl.program_id(0), tl.program_id(1),
             H, M, DV, HAS_INIT, False, FINAL, BLOCK, BS,
         )  # fmt: skip
     else:
         carry_segments(
-            dF, dFz, dS, dz, dS0, dz0, n_seg, tl.program_id(0), tl.program_id(1),
+            dF, dFz, dS, dz, dS0, dz0, first, n_seg, tl.program_id(0), tl.program_id(1),
             H, M, DV, HAS_DS, True, HAS_INIT, BLOCK, BS,
         )  # fmt: skip
 
 
 @triton.jit
-def segment_carry(i_c, T_SEQ, H: tl.constexpr, M: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr):
-    """Offset (in ``DV``-entry rows) of head 0's carry for chunk ``i_c``'s segment in ``[N * NSEG, H, M, ...]``
-    (dense batches: every sequence has ``cdiv(T_SEQ, C)`` chunks)."""
-    NC = tl.cdiv(T_SEQ, C)
-    return ((i_c // NC) * tl.cdiv(NC, SEG) + (i_c % NC) // SEG).to(tl.int64) * (H * M)
+def segment_row(seg_offsets, i_n, j, T_SEQ, C: tl.constexpr, SEG: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Row of the segment totals (``[rows, H, ...]``, int64) of the segment holding chunk ``j`` of sequence
+    ``i_n``: a dense batch's sequences have ``cdiv(cdiv(T_SEQ, C), SEG)`` segments each, a packed one's start at
+    ``seg_offsets [N]``."""
+    if IS_VARLEN:
+        first = tl.load(seg_offsets + i_n)
+    else:
+        first = i_n * tl.cdiv(tl.cdiv(T_SEQ, C), SEG)
+    return (first + j // SEG).to(tl.int64)
 
 
 @triton.jit
@@ -574,6 +586,7 @@ def chunk_output_kernel(
     cu_seqlens,
     chunk_seq,
     chunk_tok,
+    seg_offsets,
     T_SEQ,
     eps,
     LENGTH_CLASS,
@@ -618,7 +631,7 @@ def chunk_output_kernel(
     else:
         i_n = i_c // tl.cdiv(T_SEQ, C)
         t0 = i_n * T_SEQ + (i_c % tl.cdiv(T_SEQ, C)) * C
-    eos = seq_bounds(cu_seqlens, i_n, T_SEQ, IS_VARLEN)[1]
+    bos, eos = seq_bounds(cu_seqlens, i_n, T_SEQ, IS_VARLEN)
     o_t = t0 + tl.arange(0, C)
     o_v = i_v * BD + tl.arange(0, BD)
     mask_t = o_t < eos
@@ -639,7 +652,7 @@ def chunk_output_kernel(
     base = (i_c.to(tl.int64) * H + i_h) * M
     cbase = i_h * M
     if SEG > 0:
-        cbase += segment_carry(i_c, T_SEQ, H, M, C, SEG)
+        cbase += segment_row(seg_offsets, i_n, (t0 - bos) // C, T_SEQ, C, SEG, IS_VARLEN) * (H * M)
     for i_m in range(NM):
         phi, _, _, _, _, _, _ = kr_tile(x1, x2, x3, rows, mask_t, i_m, C, R1, R2, R3, B1, B2, B3, P)  # [C, BMA]
         o_m = i_m * BMA + tl.arange(0, BMA)
@@ -692,9 +705,9 @@ def intra_grads(
 
 @triton.jit
 def side_grads(
-    x1, x2, x3, y1, y2, y3, v, do, den, w, hs, hz, cs, cz, dx1, dx2, dx3, dv, cu_seqlens, chunk_seq, chunk_tok, T_SEQ,
-    i_c, i_h, eps, H: tl.constexpr, DV: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
-    P: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, KEYS: tl.constexpr, NORMALIZE: tl.constexpr,
+    x1, x2, x3, y1, y2, y3, v, do, den, w, hs, hz, cs, cz, dx1, dx2, dx3, dv, cu_seqlens, chunk_seq, chunk_tok,
+    seg_offsets, T_SEQ, i_c, i_h, eps, H: tl.constexpr, DV: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
+    R3: tl.constexpr, P: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, KEYS: tl.constexpr, NORMALIZE: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
 ):  # fmt: skip
     """Gradients of one side of one chunk, given ``g`` (d numerator ``[TT, H, DV]``, from ``do`` and ``den``:
@@ -725,7 +738,7 @@ def side_grads(
     else:
         i_n = i_c // tl.cdiv(T_SEQ, C)
         t0 = i_n * T_SEQ + (i_c % tl.cdiv(T_SEQ, C)) * C
-    eos = seq_bounds(cu_seqlens, i_n, T_SEQ, IS_VARLEN)[1]
+    bos, eos = seq_bounds(cu_seqlens, i_n, T_SEQ, IS_VARLEN)
     o_t = t0 + tl.arange(0, C)
     o_v = tl.arange(0, DV)
     mask_t = o_t < eos
@@ -733,7 +746,7 @@ def side_grads(
     base = (i_c.to(tl.int64) * H + i_h) * M
     cbase = i_h * M
     if SEG > 0:
-        cbase += segment_carry(i_c, T_SEQ, H, M, C, SEG)
+        cbase += segment_row(seg_offsets, i_n, (t0 - bos) // C, T_SEQ, C, SEG, IS_VARLEN) * (H * M)
     # [C, DV]
     b_g = load_g(do, den, rows, o_v, mask_t, eps, DV, NORMALIZE, DOT == tl.bfloat16)
     b_v = tl.load(v + rows[:, None] * DV + o_v[None, :], mask=mask_t[:, None], other=0).to(tl.float32)
@@ -830,6 +843,7 @@ def chunk_bwd_kernel(
     cu_seqlens,
     chunk_seq,
     chunk_tok,
+    seg_offsets,
     T_SEQ,
     eps,
     LENGTH_CLASS,
@@ -854,13 +868,13 @@ def chunk_bwd_kernel(
     if tl.program_id(2) == 0:
         side_grads(
             q1, q2, q3, k1, k2, k3, v, do, den, w, hs, hz, F, Fz, dq1, dq2, dq3, dv, cu_seqlens, chunk_seq, chunk_tok,
-            T_SEQ, tl.program_id(0), tl.program_id(1), eps,
+            seg_offsets, T_SEQ, tl.program_id(0), tl.program_id(1), eps,
             H, DV, R1, R2, R3, P, C, SEG, False, NORMALIZE, IS_VARLEN, DOT, PREC, BM,
         )  # fmt: skip
     else:
         side_grads(
             k1, k2, k3, q1, q2, q3, v, do, den, w, dhs, dhz, dF, dFz, dk1, dk2, dk3, dv, cu_seqlens, chunk_seq,
-            chunk_tok, T_SEQ, tl.program_id(0), tl.program_id(1), eps,
+            chunk_tok, seg_offsets, T_SEQ, tl.program_id(0), tl.program_id(1), eps,
             H, DV, R1, R2, R3, P, C, SEG, True, NORMALIZE, IS_VARLEN, DOT, PREC, BM,
         )  # fmt: skip
 
@@ -900,20 +914,53 @@ def bwd_prep_kernel(
     tl.store(w + o_r, b_w, mask=mask)
 
 
-def _chunk_index(cu_seqlens: torch.Tensor | None, seqs, C: int, device):
-    """``(NT, chunk_offsets [N], chunk_seq [NT], chunk_tok [NT])`` (int32): number of chunks, each sequence's
-    first chunk, each chunk's sequence and first token; dummies for a dense batch."""
+class Chunks(NamedTuple):
+    """The chunks of a batch (``_chunk_index``)."""
+
+    NT: int  # number of chunks
+    offsets: torch.Tensor  # int32 [N]: each sequence's first chunk (varlen) or a dummy
+    seq: torch.Tensor  # int32 [NT]: each chunk's sequence (varlen) or a dummy
+    tok: torch.Tensor  # int32 [NT]: each chunk's first token (varlen) or a dummy
+    most: int  # chunks of the longest sequence
+    counts: torch.Tensor | None  # int64 [N]: chunks of each sequence (varlen)
+
+
+def _chunk_index(seqs: Seqs, C: int, device) -> Chunks:
+    """The chunks of ``seqs`` at chunk size ``C`` (a packed batch: one device sync for the two counts)."""
     if not seqs.IS_VARLEN:
         none = dummy(device)
-        return seqs.N * cdiv(seqs.T_SEQ, C), none, none, none
+        return Chunks(seqs.N * cdiv(seqs.T_SEQ, C), none, none, none, cdiv(seqs.T_SEQ, C), None)
     cu = seqs.cu_seqlens.long()
     n_chunks = (cu[1:] - cu[:-1] + C - 1) // C  # [N]
     offsets = torch.cumsum(n_chunks, 0) - n_chunks  # [N]
-    NT = int(n_chunks.sum())
+    NT, most = torch.stack((n_chunks.sum(), n_chunks.max())).tolist()
     chunk_seq = torch.repeat_interleave(torch.arange(seqs.N, device=device), n_chunks, output_size=NT)  # [NT]
     chunk_tok = cu[chunk_seq] + (torch.arange(NT, device=device) - offsets[chunk_seq]) * C
     i32 = dict(dtype=torch.int32)
-    return NT, offsets.to(**i32), chunk_seq.to(**i32), chunk_tok.to(**i32)
+    return Chunks(NT, offsets.to(**i32), chunk_seq.to(**i32), chunk_tok.to(**i32), most, n_chunks)
+
+
+class Segments(NamedTuple):
+    """How the state walks are split (``_segments``)."""
+
+    NSEG: int  # segments of the longest sequence (the walks' grid)
+    SEG: int  # chunks per segment; 0: whole walks
+    rows: int  # rows of the segment totals [rows, H, ...]
+    offsets: torch.Tensor  # int32 [N]: each sequence's first row (varlen) or a dummy
+
+
+def _segments(seqs: Seqs, chunks: Chunks, M: int, Dv: int, H: int, device) -> Segments:
+    """``segment_count`` and where each sequence's segments lie in the totals (a packed batch: at most
+    ``NT / SEG + N`` rows, as each sequence adds at most one partial segment; no device sync)."""
+    NSEG = segment_count(seqs, chunks.most, M, Dv, H, device)
+    if NSEG == 1:
+        return Segments(1, 0, 0, dummy(device))
+    SEG = segment_chunks()
+    if not seqs.IS_VARLEN:
+        return Segments(NSEG, SEG, seqs.N * NSEG, dummy(device))
+    n_seg = ((chunks.counts + SEG - 1) // SEG).clamp_min(1)  # [N]
+    offsets = (torch.cumsum(n_seg, 0) - n_seg).to(torch.int32)
+    return Segments(NSEG, SEG, cdiv(chunks.NT, SEG) + seqs.N, offsets)
 
 
 def _chunk_states(NT: int, H: int, M: int, Dv: int, DOT: tl.dtype, device) -> State:
@@ -935,7 +982,7 @@ def _segment_totals(n: int, H: int, M: int, Dv: int, device) -> State:
     return empty((n, H, M, Dv), torch.float32, device), empty((n, H, M), torch.float32, device)
 
 
-def _carry(F, Fz, S0, z0, S, z, dF, dFz, dS, dz, seqs, H, M, Dv, C, SEG, dS0=None, dz0=None, final=False) -> None:
+def _carry(F, Fz, S0, z0, S, z, dF, dFz, dS, dz, seqs, segs, H, M, Dv, C, dS0=None, dz0=None, final=False) -> None:
     """``chunk_carry_kernel``: the forward walk's totals ``F, Fz`` from ``S0, z0`` (None: 0), the final state to
     ``S, z`` with ``final``; with ``dF`` (the backward) also the reverse walk's totals from ``dS, dz`` (None: 0),
     their sum to ``dS0, dz0`` when there is an initial state."""
@@ -946,7 +993,8 @@ def _carry(F, Fz, S0, z0, S, z, dF, dFz, dS, dz, seqs, H, M, Dv, C, SEG, dS0=Non
         chunk_carry_kernel, (cdiv(M * Dv, BLOCK), seqs.N * H, 1 if dF is None else 2),
         F, Fz, S0 if has_init else F, z0 if has_init else Fz, S if final else F, z if final else Fz,
         *((F, Fz) * 3 if dF is None else (dF, dFz, dS if has_ds else dF, dz if has_ds else dFz, dS0, dz0)),
-        seqs.T_SEQ, H=H, M=M, DV=Dv, C=C, SEG=SEG, HAS_INIT=has_init, HAS_DS=has_ds, FINAL=final, BLOCK=BLOCK, BS=BS,
+        seqs.cu_seqlens, segs.offsets, seqs.T_SEQ, H=H, M=M, DV=Dv, C=C, SEG=segs.SEG, HAS_INIT=has_init,
+        HAS_DS=has_ds, FINAL=final, IS_VARLEN=seqs.IS_VARLEN, BLOCK=BLOCK, BS=BS,
     )  # fmt: skip
 
 
@@ -971,37 +1019,37 @@ def _chunk_fwd(
     B, T, H, Dv = v.shape
     C = chunk_size
     seqs = sequences(cu_seqlens, B, T, v.device)
-    index = _chunk_index(cu_seqlens, seqs, C, v.device)
+    chunks = _chunk_index(seqs, C, v.device)
     S0 = None if S0 is None else S0.float().contiguous()
     z0 = None if z0 is None else z0.float().contiguous()
     widths = tuple(x.shape[-1] for x in q)
     R1, R2, R3 = widths3(widths)
     M = math.prod(widths)
     DOT, PREC = dot_config(v.dtype)
-    NT, chunk_offsets, chunk_seq, chunk_tok = index
+    NT = chunks.NT
     hs, hz = _chunk_states(NT, H, M, Dv, DOT, v.device)
     S = empty((seqs.N, H, M, Dv), torch.float32, v.device)
     z = empty((seqs.N, H, M), torch.float32, v.device)
     has_init = S0 is not None
-    NSEG = segment_count(seqs, C, M, Dv, H, v.device)
-    SEG = segment_chunks() if NSEG > 1 else 0
-    F, Fz = _segment_totals(seqs.N * NSEG, H, M, Dv, v.device) if SEG else (S, z)
+    segs = _segments(seqs, chunks, M, Dv, H, v.device)
+    SEG = segs.SEG
+    F, Fz = _segment_totals(segs.rows, H, M, Dv, v.device) if SEG else (S, z)
     launch(
-        chunk_state_kernel, _state_grid(widths, Dv, seqs.N * H, NSEG),
+        chunk_state_kernel, _state_grid(widths, Dv, seqs.N * H, segs.NSEG),
         *factors3(k), v, S0 if has_init else S, z0 if has_init else z, hs, hz, F, Fz,
-        seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ, LENGTH_CLASS=length_class(B * T),
+        seqs.cu_seqlens, chunks.offsets, segs.offsets, seqs.T_SEQ, LENGTH_CLASS=length_class(B * T),
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(k), C=C, SEG=SEG, HAS_INIT=has_init and not SEG,
         IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
     )  # fmt: skip
     if SEG:
-        _carry(F, Fz, S0, z0, S, z, None, None, None, None, seqs, H, M, Dv, C, SEG, final=True)
+        _carry(F, Fz, S0, z0, S, z, None, None, None, None, seqs, segs, H, M, Dv, C, final=True)
     o = empty(v.shape, v.dtype, v.device)
     den = empty((B * T, H), torch.float32, v.device)
     res = empty(v.shape, v.dtype, v.device) if keeps_residual(v.dtype, normalize, backward) else v.new_empty(0)
     launch(
         chunk_output_kernel, lambda meta: (NT, cdiv(Dv, min(meta["BV"], Dv)), H),
         *factors3(q), *factors3(k), v, hs, hz, F, Fz, o, res if res.numel() else o, den,
-        seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps, LENGTH_CLASS=length_class(B * T),
+        seqs.cu_seqlens, chunks.seq, chunks.tok, segs.offsets, seqs.T_SEQ, eps, LENGTH_CLASS=length_class(B * T),
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, SEG=SEG, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
         RES=res.numel() > 0, DOT=DOT, PREC=PREC,
     )  # fmt: skip
@@ -1050,7 +1098,7 @@ def _chunk_bwd(
     B, T, H, Dv = v.shape
     C = chunk_size
     seqs = sequences(cu_seqlens, B, T, v.device)
-    index = _chunk_index(cu_seqlens, seqs, C, v.device)
+    chunks = _chunk_index(seqs, C, v.device)
     S0 = None if S0 is None else S0.float().contiguous()
     z0 = None if z0 is None else z0.float().contiguous()
     DOT, PREC = dot_config(v.dtype)
@@ -1066,7 +1114,7 @@ def _chunk_bwd(
     widths = tuple(x.shape[-1] for x in q)
     R1, R2, R3 = widths3(widths)
     M = math.prod(widths)
-    NT, chunk_offsets, chunk_seq, chunk_tok = index
+    NT = chunks.NT
     hs, hz = _chunk_states(NT, H, M, Dv, DOT, v.device)
     dhs, dhz = _chunk_states(NT, H, M, Dv, DOT, v.device)
     has_ds = dS is not None
@@ -1077,32 +1125,32 @@ def _chunk_bwd(
         dS0, dz0 = empty(S0.shape, torch.float32, v.device), empty(z0.shape, torch.float32, v.device)
     else:
         dS0, dz0 = v.new_empty(0, dtype=torch.float32), v.new_empty(0, dtype=torch.float32)
-    NSEG = segment_count(seqs, C, M, Dv, H, v.device)
-    SEG = segment_chunks() if NSEG > 1 else 0
+    segs = _segments(seqs, chunks, M, Dv, H, v.device)
+    SEG = segs.SEG
     if SEG:
-        F, Fz = _segment_totals(seqs.N * NSEG, H, M, Dv, v.device)
-        dF, dFz = _segment_totals(seqs.N * NSEG, H, M, Dv, v.device)
+        F, Fz = _segment_totals(segs.rows, H, M, Dv, v.device)
+        dF, dFz = _segment_totals(segs.rows, H, M, Dv, v.device)
     else:  # the reverse walk ends in dS0, dz0 (with an initial state); the forward walk stores no final state
         F, Fz = dS, dz
         dF, dFz = (dS0, dz0) if has_init else (dS, dz)
     launch(
-        chunk_state_bwd_kernel, _state_grid(widths, Dv, seqs.N * H, 2 * NSEG),
+        chunk_state_bwd_kernel, _state_grid(widths, Dv, seqs.N * H, 2 * segs.NSEG),
         *factors3(k), v, S0 if has_init else dS, z0 if has_init else dz, hs, hz,
         *factors3(q), do, den, w, dS, dz, dhs, dhz, F, Fz, dF, dFz,
-        seqs.cu_seqlens, chunk_offsets, seqs.T_SEQ, eps, LENGTH_CLASS=length_class(B * T),
+        seqs.cu_seqlens, chunks.offsets, segs.offsets, seqs.T_SEQ, segs.NSEG, eps, LENGTH_CLASS=length_class(B * T),
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, SEG=SEG, HAS_INIT=has_init, HAS_DS=has_ds,
         NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
     )  # fmt: skip
     if SEG:
         ds = (dS, dz) if has_ds else (None, None)
-        _carry(F, Fz, S0, z0, None, None, dF, dFz, *ds, seqs, H, M, Dv, C, SEG, dS0=dS0, dz0=dz0)
+        _carry(F, Fz, S0, z0, None, None, dF, dFz, *ds, seqs, segs, H, M, Dv, C, dS0=dS0, dz0=dz0)
     dq = [empty(x.shape, x.dtype, v.device) for x in q]
     dk = [empty(x.shape, x.dtype, v.device) for x in k]
     dv = empty(v.shape, v.dtype, v.device)
     launch(
         chunk_bwd_kernel, (NT, H, 2),
         *factors3(q), *factors3(k), v, do, den, w, hs, hz, dhs, dhz, F, Fz, dF, dFz, *factors3(dq), *factors3(dk), dv,
-        seqs.cu_seqlens, chunk_seq, chunk_tok, seqs.T_SEQ, eps, LENGTH_CLASS=length_class(B * T),
+        seqs.cu_seqlens, chunks.seq, chunks.tok, segs.offsets, seqs.T_SEQ, eps, LENGTH_CLASS=length_class(B * T),
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, SEG=SEG, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
         DOT=DOT, PREC=PREC,
     )  # fmt: skip

@@ -289,7 +289,8 @@ def _check_bounds(monkeypatch):
         return init_args(self, args_dev, kwargs)
 
     def check(ptrs, mask, itemsize, what):
-        p = ptrs.data if mask is None else ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)]
+        # a mask can be an int32 tensor (a & of a bool mask and a scalar condition): as a filter, not indices
+        p = ptrs.data if mask is None else ptrs.data[np.broadcast_to(mask.data.astype(bool), ptrs.data.shape)]
         if p.size:
             lo, hi = int(p.min()), int(p.max()) + itemsize
             assert any(s <= lo and hi <= e for s, e in ranges), f"out-of-bounds {what}: [{lo}, {hi})"
@@ -389,6 +390,18 @@ def test_segment_count(hla, monkeypatch):
     assert count(256, B=3, chunks=65) == 1  # 288 programs
     # packed: 2 sequences (192 programs), the longest of 1,563 chunks
     assert count(256, chunks=1563, cu=torch.tensor([0, 100000, 131072], dtype=torch.int32)) == 25
+
+
+def test_segments_of_a_packed_batch(hla, segments):
+    # sequences of 1, 16, 83 and 100 tokens in chunks of 16: 1, 1, 6 and 7 chunks; segments of 2 chunks: 1, 1, 3, 4
+    chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
+    cpu = torch.device("cpu")
+    seqs = chunk.sequences(torch.tensor([0, 1, 17, 100, 200], dtype=torch.int32), 1, 200, cpu)
+    chunks = chunk._chunk_index(seqs, 16, cpu)
+    assert (chunks.NT, chunks.most) == (15, 7)
+    segs = chunk._segments(seqs, chunks, 32, 16, 2, cpu)
+    assert (segs.NSEG, segs.SEG) == (4, 2) and segs.offsets.tolist() == [0, 1, 2, 5]
+    assert segs.rows >= 9  # the rows the segments use
 
 
 @pytest.mark.parametrize("widths, T, cu", [((16, 16), 300, None), ((4, 64), 200, None), ((16, 16), 330, [0, 70, 330])])

@@ -413,6 +413,14 @@ def test_chunk64_segmented(hla, gpu_chunk, segments, widths, T, cu):
     assert segments.count("chunk_carry_kernel") == 2
 
 
+def test_chunk64_segmented_gpu_carry_blocks(hla, gpu_chunk, segments, monkeypatch):
+    # the carries in the GPU's blocks of 256 entries (the interpreter's are 1024): M = 512, so z spans two blocks;
+    # 5 chunks of 64 in 3 segments, an initial state
+    monkeypatch.setattr(sys.modules["hadamard_attn.ops.triton.chunk"], "interpreting", lambda: False)
+    check(hla, (16, 32), 32, 1, 300, 1, True, True, causal=True)
+    assert segments.count("chunk_carry_kernel") == 2
+
+
 @pytest.mark.parametrize("config", [0, 1, 2, 3])
 def test_chunk64_every_config(hla, gpu_chunk, config):
     # each of the GPU's autotune configs of the three kernels: B = 2 with an initial state, T = 2 chunks exactly

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.driver import CudaDriver  # noqa: E402
+from triton.compiler.compiler import CompiledKernel  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
@@ -47,13 +48,18 @@ def main(warps: int) -> None:
     run = JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
-        ttgir = run(self, *args, grid=grid, warmup=True, **kwargs).asm["ttgir"]
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        ttgir = kernel.asm["ttgir"]
         dots = [line.split(" * ")[0] for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
         rs = sum("#ttg.dot_op<{opIdx = 0" in d for d in dots)
         c = counts.setdefault(self.fn.__name__, [0, 0])
         c[0], c[1] = c[0] + rs, c[1] + len(dots) - rs
+        return kernel
 
     JITFunction.run = compile_only
+    # the launches past Triton's (launch_compiled) do nothing
+    CompiledKernel._init_handles = lambda self: None
+    CompiledKernel.run = property(lambda self: lambda *a: None)
     from hadamard_attn.ops.triton import chunk
 
     for kern in chunk.KERNELS:

@@ -5,7 +5,9 @@
 Every launch is recorded (nothing runs): the compiled kernel and the launcher's grid and arguments. Prints a JSON
 object of checks, each true when it holds: the fast path launches the kernel Triton compiled for the same
 specialisation with the same grid and arguments; a tensor off 16-byte alignment, an integer equal to 1, or other
-compile options (``num_warps``) get their own kernel; with a launch hook set, Triton's own path runs.
+compile options (``num_warps``) get their own kernel; with a launch hook set, Triton's own path runs. Keyed
+launches (``launch(..., key=...)``): from the second of a key on, the kernel, grid and keyword arguments of the
+first with the positional arguments of the call, past Triton's binder; a hook or another key goes through it.
 """
 
 from __future__ import annotations
@@ -80,6 +82,29 @@ def main() -> None:
     before = len(jit_runs)
     hooked = fast(x, y, 100, 2.0)
     checks["a launch hook takes triton's path"] = len(jit_runs) == before + 1 and hooked[3][0] is not None
+    triton.knobs.runtime.launch_enter_hook.remove(hook)
+
+    device = driver.active.get_current_device()
+    caches = scale_kernel.device_caches[device]
+    binds = []
+    scale_kernel.device_caches[device] = (*caches[:4], lambda *a, **k: binds.append(1) or caches[4](*a, **k))
+
+    def keyed(*args, key):
+        utils.launch(scale_kernel, grid, *args, key=key, B=32)
+        return calls[-1]
+
+    keyed(x, y, 100, 2.0, key="a")
+    bound = len(binds)
+    z = torch.empty(100)
+    fast_keyed = keyed(x, z, 100, 3.0, key="a")
+    checks["a key seen before skips the binder"] = len(binds) == bound
+    checks["with the call's arguments"] = fast_keyed[:3] == slow(x, z, 100, 3.0)[:3] and fast_keyed[3] == (None, None)
+    bound = len(binds)
+    checks["another key binds"] = keyed(xs, y, 100, 2.0, key="b")[0] is odd[0] and len(binds) == bound + 1
+    triton.knobs.runtime.launch_enter_hook.add(hook)
+    before = len(jit_runs)
+    hooked = keyed(x, y, 100, 2.0, key="a")
+    checks["a hook takes triton's path past a key"] = len(jit_runs) == before + 1 and hooked[3][0] is not None
     triton.knobs.runtime.launch_enter_hook.remove(hook)
     print(json.dumps(checks))
 

@@ -66,6 +66,7 @@ import triton.language as tl
 
 from .utils import (
     Seqs,
+    alignment,
     at_least,
     at_most,
     autotuned,
@@ -982,10 +983,19 @@ def _segment_totals(n: int, H: int, M: int, Dv: int, device) -> State:
     return empty((n, H, M, Dv), torch.float32, device), empty((n, H, M), torch.float32, device)
 
 
-def _carry(F, Fz, S0, z0, S, z, dF, dFz, dS, dz, seqs, segs, H, M, Dv, C, dS0=None, dz0=None, final=False) -> None:
+def _launch_key(seqs: Seqs, v: torch.Tensor, widths, C: int, normalize: bool, keeps: bool, *tensors) -> tuple | None:
+    """The ``launch`` key of a dense batch's kernels: the shapes, the options that set keyword arguments and each
+    input tensor's ``alignment``; None for a packed batch (its chunk counts, in the grids, vary with ``cu_seqlens``).
+    """
+    if seqs.IS_VARLEN:
+        return None
+    return (v.shape, v.device, widths, C, normalize, keeps, alignment(*tensors))
+
+
+def _carry(F, Fz, S0, z0, S, z, dF, dFz, dS, dz, seqs, segs, H, M, Dv, C, key, dS0=None, dz0=None, final=False) -> None:
     """``chunk_carry_kernel``: the forward walk's totals ``F, Fz`` from ``S0, z0`` (None: 0), the final state to
     ``S, z`` with ``final``; with ``dF`` (the backward) also the reverse walk's totals from ``dS, dz`` (None: 0),
-    their sum to ``dS0, dz0`` when there is an initial state."""
+    their sum to ``dS0, dz0`` when there is an initial state. ``key``: the caller's ``launch`` key."""
     # a [16, 256] fp32 tile a scan step (the interpreter: wider blocks, fewer programs to simulate)
     BLOCK, BS = (1024 if interpreting() else 256), 16
     has_init, has_ds = S0 is not None, dS is not None
@@ -993,7 +1003,7 @@ def _carry(F, Fz, S0, z0, S, z, dF, dFz, dS, dz, seqs, segs, H, M, Dv, C, dS0=No
         chunk_carry_kernel, (cdiv(M * Dv, BLOCK), seqs.N * H, 1 if dF is None else 2),
         F, Fz, S0 if has_init else F, z0 if has_init else Fz, S if final else F, z if final else Fz,
         *((F, Fz) * 3 if dF is None else (dF, dFz, dS if has_ds else dF, dz if has_ds else dFz, dS0, dz0)),
-        seqs.cu_seqlens, segs.offsets, seqs.T_SEQ, H=H, M=M, DV=Dv, C=C, SEG=segs.SEG, HAS_INIT=has_init,
+        seqs.cu_seqlens, segs.offsets, seqs.T_SEQ, key=key, H=H, M=M, DV=Dv, C=C, SEG=segs.SEG, HAS_INIT=has_init,
         HAS_DS=has_ds, FINAL=final, IS_VARLEN=seqs.IS_VARLEN, BLOCK=BLOCK, BS=BS,
     )  # fmt: skip
 
@@ -1022,11 +1032,14 @@ def _chunk_fwd(
     chunks = _chunk_index(seqs, C, v.device)
     S0 = None if S0 is None else S0.float().contiguous()
     z0 = None if z0 is None else z0.float().contiguous()
+    eps = float(eps)  # an int eps would specialise the kernels otherwise (launch keys)
     widths = tuple(x.shape[-1] for x in q)
     R1, R2, R3 = widths3(widths)
     M = math.prod(widths)
     DOT, PREC = dot_config(v.dtype)
     NT = chunks.NT
+    keeps = keeps_residual(v.dtype, normalize, backward)
+    key = _launch_key(seqs, v, widths, C, normalize, keeps, *q, *k, v, S0, z0)
     hs, hz = _chunk_states(NT, H, M, Dv, DOT, v.device)
     S = empty((seqs.N, H, M, Dv), torch.float32, v.device)
     z = empty((seqs.N, H, M), torch.float32, v.device)
@@ -1037,21 +1050,22 @@ def _chunk_fwd(
     launch(
         chunk_state_kernel, _state_grid(widths, Dv, seqs.N * H, segs.NSEG),
         *factors3(k), v, S0 if has_init else S, z0 if has_init else z, hs, hz, F, Fz,
-        seqs.cu_seqlens, chunks.offsets, segs.offsets, seqs.T_SEQ, LENGTH_CLASS=length_class(B * T),
+        seqs.cu_seqlens, chunks.offsets, segs.offsets, seqs.T_SEQ, key=key, LENGTH_CLASS=length_class(B * T),
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(k), C=C, SEG=SEG, HAS_INIT=has_init and not SEG,
         IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
     )  # fmt: skip
     if SEG:
-        _carry(F, Fz, S0, z0, S, z, None, None, None, None, seqs, segs, H, M, Dv, C, final=True)
+        _carry(F, Fz, S0, z0, S, z, None, None, None, None, seqs, segs, H, M, Dv, C, key, final=True)
     o = empty(v.shape, v.dtype, v.device)
     den = empty((B * T, H), torch.float32, v.device)
-    res = empty(v.shape, v.dtype, v.device) if keeps_residual(v.dtype, normalize, backward) else v.new_empty(0)
+    res = empty(v.shape, v.dtype, v.device) if keeps else v.new_empty(0)
     launch(
         chunk_output_kernel, lambda meta: (NT, cdiv(Dv, min(meta["BV"], Dv)), H),
-        *factors3(q), *factors3(k), v, hs, hz, F, Fz, o, res if res.numel() else o, den,
-        seqs.cu_seqlens, chunks.seq, chunks.tok, segs.offsets, seqs.T_SEQ, eps, LENGTH_CLASS=length_class(B * T),
+        *factors3(q), *factors3(k), v, hs, hz, F, Fz, o, res if keeps else o, den,
+        seqs.cu_seqlens, chunks.seq, chunks.tok, segs.offsets, seqs.T_SEQ, eps, key=key,
+        LENGTH_CLASS=length_class(B * T),
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, SEG=SEG, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
-        RES=res.numel() > 0, DOT=DOT, PREC=PREC,
+        RES=keeps, DOT=DOT, PREC=PREC,
     )  # fmt: skip
     return o, S, z, den, res
 
@@ -1102,22 +1116,26 @@ def _chunk_bwd(
     S0 = None if S0 is None else S0.float().contiguous()
     z0 = None if z0 is None else z0.float().contiguous()
     DOT, PREC = dot_config(v.dtype)
+    eps = float(eps)
     # d denominator per token: w [B, T, H] (fp32); the kernels form d numerator g from do and den (load_g)
     do = do.contiguous()
+    o = o.contiguous()
+    widths = tuple(x.shape[-1] for x in q)
+    keeps = res.numel() > 0
+    has_ds = dS is not None
+    key = _launch_key(seqs, v, widths, C, normalize, keeps, *q, *k, v, do, o, res, den, S0, z0, dS, dz)
     w = empty((B, T, H), torch.float32, v.device)
     BR = 16
     launch(
         bwd_prep_kernel, (cdiv(B * T * H, BR),),
-        do, o.contiguous(), res if res.numel() else o, den, w, eps, B * T * H,
-        DV=Dv, NORMALIZE=normalize, RES=res.numel() > 0, ROUND=DOT is tl.bfloat16, BR=BR,
+        do, o, res if keeps else o, den, w, eps, B * T * H, key=key,
+        DV=Dv, NORMALIZE=normalize, RES=keeps, ROUND=DOT is tl.bfloat16, BR=BR,
     )  # fmt: skip
-    widths = tuple(x.shape[-1] for x in q)
     R1, R2, R3 = widths3(widths)
     M = math.prod(widths)
     NT = chunks.NT
     hs, hz = _chunk_states(NT, H, M, Dv, DOT, v.device)
     dhs, dhz = _chunk_states(NT, H, M, Dv, DOT, v.device)
-    has_ds = dS is not None
     dS = dS.float().contiguous() if has_ds else hz
     dz = dz.float().contiguous() if has_ds else hz
     has_init = S0 is not None
@@ -1137,22 +1155,23 @@ def _chunk_bwd(
         chunk_state_bwd_kernel, _state_grid(widths, Dv, seqs.N * H, 2 * segs.NSEG),
         *factors3(k), v, S0 if has_init else dS, z0 if has_init else dz, hs, hz,
         *factors3(q), do, den, w, dS, dz, dhs, dhz, F, Fz, dF, dFz,
-        seqs.cu_seqlens, chunks.offsets, segs.offsets, seqs.T_SEQ, segs.NSEG, eps, LENGTH_CLASS=length_class(B * T),
+        seqs.cu_seqlens, chunks.offsets, segs.offsets, seqs.T_SEQ, segs.NSEG, eps, key=key,
+        LENGTH_CLASS=length_class(B * T),
         H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, SEG=SEG, HAS_INIT=has_init, HAS_DS=has_ds,
         NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
     )  # fmt: skip
     if SEG:
         ds = (dS, dz) if has_ds else (None, None)
-        _carry(F, Fz, S0, z0, None, None, dF, dFz, *ds, seqs, segs, H, M, Dv, C, dS0=dS0, dz0=dz0)
+        _carry(F, Fz, S0, z0, None, None, dF, dFz, *ds, seqs, segs, H, M, Dv, C, key, dS0=dS0, dz0=dz0)
     dq = [empty(x.shape, x.dtype, v.device) for x in q]
     dk = [empty(x.shape, x.dtype, v.device) for x in k]
     dv = empty(v.shape, v.dtype, v.device)
     launch(
         chunk_bwd_kernel, (NT, H, 2),
         *factors3(q), *factors3(k), v, do, den, w, hs, hz, dhs, dhz, F, Fz, dF, dFz, *factors3(dq), *factors3(dk), dv,
-        seqs.cu_seqlens, chunks.seq, chunks.tok, segs.offsets, seqs.T_SEQ, eps, LENGTH_CLASS=length_class(B * T),
-        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, SEG=SEG, NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN,
-        DOT=DOT, PREC=PREC,
+        seqs.cu_seqlens, chunks.seq, chunks.tok, segs.offsets, seqs.T_SEQ, eps, key=key,
+        LENGTH_CLASS=length_class(B * T), H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), C=C, SEG=SEG,
+        NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
     )  # fmt: skip
     return dq, dk, dv, dS0, dz0
 

@@ -220,11 +220,14 @@ def check_step() -> bool:
         v = torch.randn(B, H, Dv, device=DEV, dtype=dtype)
         st = (torch.randn(B, H, M, Dv, device=DEV), torch.rand(B, H, M, device=DEV) + 1)
         with torch.no_grad():
-            o, (S, z) = hadamard_attn_step(q, k, v, st, backend="triton")
             d = [x.double() for x in (*q, *k, v)]
             o2, (S2, z2) = hadamard_attn_step(d[: len(q)], d[len(q) : -1], d[-1], tuple(x.double() for x in st))
-            errs = [rel(o, o2), rel(S, S2), rel(z, z2)]
-            good = all(torch.isfinite(t).all().item() for t in (o, S, z)) and all(e < TOL[dtype] * 2 for e in errs)
+            good, errs = True, [0.0] * 3
+            for _ in range(3):  # the third by launch keys
+                o, (S, z) = hadamard_attn_step(q, k, v, st, backend="triton")
+                good &= all(torch.isfinite(t).all().item() for t in (o, S, z))
+                errs = [max(e, rel(a, b)) for e, a, b in zip(errs, (o, S, z), (o2, S2, z2))]
+            good &= all(e < TOL[dtype] * 2 for e in errs)
             ms, ms_torch = (
                 bench_ms(lambda b=backend, a=(q, k, v, st): hadamard_attn_step(*a, backend=b))
                 for backend in ("triton", "recurrent")

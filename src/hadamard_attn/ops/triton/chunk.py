@@ -983,13 +983,15 @@ def _segment_totals(n: int, H: int, M: int, Dv: int, device) -> State:
     return empty((n, H, M, Dv), torch.float32, device), empty((n, H, M), torch.float32, device)
 
 
-def _launch_key(seqs: Seqs, v: torch.Tensor, widths, C: int, normalize: bool, keeps: bool, *tensors) -> tuple | None:
-    """The ``launch`` key of a dense batch's kernels: the shapes, the options that set keyword arguments and each
-    input tensor's ``alignment``; None for a packed batch (its chunk counts, in the grids, vary with ``cu_seqlens``).
-    """
+def _launch_key(
+    pass_: str, seqs: Seqs, v: torch.Tensor, widths, C: int, normalize: bool, keeps: bool, *tensors
+) -> tuple | None:
+    """The ``launch`` key of a dense batch's kernels in the forward or backward ``pass_`` (both launch the carry
+    kernel): the shapes, the options that set keyword arguments and each input tensor's ``alignment``; None for a
+    packed batch (its chunk counts, in the grids, vary with ``cu_seqlens``)."""
     if seqs.IS_VARLEN:
         return None
-    return (v.shape, v.device, widths, C, normalize, keeps, alignment(*tensors))
+    return (pass_, v.shape, v.device, widths, C, normalize, keeps, alignment(*tensors))
 
 
 def _carry(F, Fz, S0, z0, S, z, dF, dFz, dS, dz, seqs, segs, H, M, Dv, C, key, dS0=None, dz0=None, final=False) -> None:
@@ -1039,7 +1041,7 @@ def _chunk_fwd(
     DOT, PREC = dot_config(v.dtype)
     NT = chunks.NT
     keeps = keeps_residual(v.dtype, normalize, backward)
-    key = _launch_key(seqs, v, widths, C, normalize, keeps, *q, *k, v, S0, z0)
+    key = _launch_key("fwd", seqs, v, widths, C, normalize, keeps, *q, *k, v, S0, z0)
     hs, hz = _chunk_states(NT, H, M, Dv, DOT, v.device)
     S = empty((seqs.N, H, M, Dv), torch.float32, v.device)
     z = empty((seqs.N, H, M), torch.float32, v.device)
@@ -1123,7 +1125,7 @@ def _chunk_bwd(
     widths = tuple(x.shape[-1] for x in q)
     keeps = res.numel() > 0
     has_ds = dS is not None
-    key = _launch_key(seqs, v, widths, C, normalize, keeps, *q, *k, v, do, o, res, den, S0, z0, dS, dz)
+    key = _launch_key("bwd", seqs, v, widths, C, normalize, keeps, *q, *k, v, do, o, res, den, S0, z0, dS, dz)
     w = empty((B, T, H), torch.float32, v.device)
     BR = 16
     launch(

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .utils import (
+    alignment,
     at_most,
     autotuned,
     cdiv,
@@ -123,14 +124,19 @@ def _step(
     B, H, Dv = v.shape
     M = math.prod(x.shape[-1] for x in q)
     has_state = S is not None
+    S = S.contiguous() if has_state else None
+    z = z.contiguous() if has_state else None
+    eps = float(eps)  # an int eps would specialise the kernel otherwise (the launch key)
+    widths = tuple(x.shape[-1] for x in q)
+    key = (v.shape, v.device, widths, normalize, alignment(*q, *k, v, S, z))
     S_new = empty((B, H, M, Dv), torch.float32, v.device)
     z_new = empty((B, H, M), torch.float32, v.device)
     o = empty(v.shape, v.dtype, v.device)
-    R1, R2, R3 = widths3(tuple(x.shape[-1] for x in q))
+    R1, R2, R3 = widths3(widths)
     launch(
         step_kernel, lambda meta: (cdiv(Dv, min(meta["BV"], Dv)), B * H),
         *factors3(q), *factors3(k), v,
-        S.contiguous() if has_state else S_new, z.contiguous() if has_state else z_new, S_new, z_new, o, eps,
+        S if has_state else S_new, z if has_state else z_new, S_new, z_new, o, eps, key=key,
         DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), HAS_STATE=has_state, NORMALIZE=normalize,
     )  # fmt: skip
     return o, S_new, z_new

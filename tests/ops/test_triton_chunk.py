@@ -392,6 +392,27 @@ def test_segment_count(hla, monkeypatch):
     assert count(256, chunks=1563, cu=torch.tensor([0, 100000, 131072], dtype=torch.int32)) == 25
 
 
+def test_launch_key(hla):
+    """``_launch_key`` has what sets a dense batch's launches beyond the shapes: the segments, the pass, the inputs'
+    dtype and 16-byte alignment; a packed batch has none (its grids follow ``cu_seqlens``)."""
+    chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
+    cpu = torch.device("cpu")
+    v = torch.empty(1, 64, 2, 16)
+    seqs = chunk.sequences(None, 1, 64, cpu)
+    whole = chunk.Segments(1, 0, 0, chunk.dummy(cpu))
+    split = chunk.Segments(2, 2, 2, chunk.dummy(cpu))
+    x = torch.empty(65)
+
+    def key(segs=whole, pass_="fwd", *tensors):
+        return chunk._launch_key(pass_, seqs, segs, v, (16,), 16, True, False, v, *tensors)
+
+    assert key() == key() and key() != key(split) and key() != key(whole, "bwd")
+    assert key(whole, "fwd", x[:64]) == key(whole, "fwd", x[:64].clone()) != key(whole, "fwd", x[1:])
+    assert key(whole, "fwd", x[:64]) != key(whole, "fwd", x[:64].double()) != key(whole, "fwd", None)
+    packed = chunk.sequences(torch.tensor([0, 30, 64], dtype=torch.int32), 1, 64, cpu)
+    assert chunk._launch_key("fwd", packed, whole, v, (16,), 16, True, False, v) is None
+
+
 def test_segments_of_a_packed_batch(hla, segments):
     # sequences of 1, 16, 83 and 100 tokens in chunks of 16: 1, 1, 6 and 7 chunks; segments of 2 chunks: 1, 1, 3, 4
     chunk = sys.modules["hadamard_attn.ops.triton.chunk"]

@@ -984,14 +984,15 @@ def _segment_totals(n: int, H: int, M: int, Dv: int, device) -> State:
 
 
 def _launch_key(
-    pass_: str, seqs: Seqs, v: torch.Tensor, widths, C: int, normalize: bool, keeps: bool, *tensors
+    pass_: str, seqs: Seqs, segs: Segments, v: torch.Tensor, widths, C: int, normalize: bool, keeps: bool, *tensors
 ) -> tuple | None:
     """The ``launch`` key of a dense batch's kernels in the forward or backward ``pass_`` (both launch the carry
-    kernel): the shapes, the options that set keyword arguments and each input tensor's ``alignment``; None for a
-    packed batch (its chunk counts, in the grids, vary with ``cu_seqlens``)."""
+    kernel): the shapes, the segments (``segment_count`` may be replaced, as tests do), the options that set keyword
+    arguments and each tensor's ``alignment`` as launched; None for a packed batch (its chunk counts, in the grids,
+    vary with ``cu_seqlens``)."""
     if seqs.IS_VARLEN:
         return None
-    return (pass_, v.shape, v.device, widths, C, normalize, keeps, alignment(*tensors))
+    return (pass_, v.shape, v.device, widths, C, segs.NSEG, segs.SEG, normalize, keeps, alignment(*tensors))
 
 
 def _carry(F, Fz, S0, z0, S, z, dF, dFz, dS, dz, seqs, segs, H, M, Dv, C, key, dS0=None, dz0=None, final=False) -> None:
@@ -1041,13 +1042,13 @@ def _chunk_fwd(
     DOT, PREC = dot_config(v.dtype)
     NT = chunks.NT
     keeps = keeps_residual(v.dtype, normalize, backward)
-    key = _launch_key("fwd", seqs, v, widths, C, normalize, keeps, *q, *k, v, S0, z0)
+    segs = _segments(seqs, chunks, M, Dv, H, v.device)
+    SEG = segs.SEG
+    key = _launch_key("fwd", seqs, segs, v, widths, C, normalize, keeps, *q, *k, v, S0, z0)
     hs, hz = _chunk_states(NT, H, M, Dv, DOT, v.device)
     S = empty((seqs.N, H, M, Dv), torch.float32, v.device)
     z = empty((seqs.N, H, M), torch.float32, v.device)
     has_init = S0 is not None
-    segs = _segments(seqs, chunks, M, Dv, H, v.device)
-    SEG = segs.SEG
     F, Fz = _segment_totals(segs.rows, H, M, Dv, v.device) if SEG else (S, z)
     launch(
         chunk_state_kernel, _state_grid(widths, Dv, seqs.N * H, segs.NSEG),
@@ -1123,9 +1124,15 @@ def _chunk_bwd(
     do = do.contiguous()
     o = o.contiguous()
     widths = tuple(x.shape[-1] for x in q)
+    R1, R2, R3 = widths3(widths)
+    M = math.prod(widths)
     keeps = res.numel() > 0
     has_ds = dS is not None
-    key = _launch_key("bwd", seqs, v, widths, C, normalize, keeps, *q, *k, v, do, o, res, den, S0, z0, dS, dz)
+    dS = dS.float().contiguous() if has_ds else None
+    dz = dz.float().contiguous() if has_ds else None
+    segs = _segments(seqs, chunks, M, Dv, H, v.device)
+    SEG = segs.SEG
+    key = _launch_key("bwd", seqs, segs, v, widths, C, normalize, keeps, *q, *k, v, do, o, res, den, S0, z0, dS, dz)
     w = empty((B, T, H), torch.float32, v.device)
     BR = 16
     launch(
@@ -1133,20 +1140,16 @@ def _chunk_bwd(
         do, o, res if keeps else o, den, w, eps, B * T * H, key=key,
         DV=Dv, NORMALIZE=normalize, RES=keeps, ROUND=DOT is tl.bfloat16, BR=BR,
     )  # fmt: skip
-    R1, R2, R3 = widths3(widths)
-    M = math.prod(widths)
     NT = chunks.NT
     hs, hz = _chunk_states(NT, H, M, Dv, DOT, v.device)
     dhs, dhz = _chunk_states(NT, H, M, Dv, DOT, v.device)
-    dS = dS.float().contiguous() if has_ds else hz
-    dz = dz.float().contiguous() if has_ds else hz
+    if not has_ds:
+        dS = dz = hz
     has_init = S0 is not None
     if has_init:
         dS0, dz0 = empty(S0.shape, torch.float32, v.device), empty(z0.shape, torch.float32, v.device)
     else:
         dS0, dz0 = v.new_empty(0, dtype=torch.float32), v.new_empty(0, dtype=torch.float32)
-    segs = _segments(seqs, chunks, M, Dv, H, v.device)
-    SEG = segs.SEG
     if SEG:
         F, Fz = _segment_totals(segs.rows, H, M, Dv, v.device)
         dF, dFz = _segment_totals(segs.rows, H, M, Dv, v.device)

@@ -174,6 +174,8 @@ def launch_compiled(fn, grid, args: tuple, kwargs: dict) -> tuple | None:
     kern = compiled.get(key)
     if kern is None:  # Triton compiles it (or finds it in its caches), without launching
         kern = fn.run(*args, grid=grid, warmup=True, **kwargs)
+        if kern is None:  # a compile hook (``jit_cache_hook``) skipped it
+            return None
         compiled[key] = kern = kern.result() if hasattr(kern, "result") else kern
     g = grid(bound) if callable(grid) else grid
     stream = triton.runtime.driver.active.get_current_stream(device)

@@ -189,7 +189,7 @@ def test_api_backend_triton_causal(hla):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the forward also returns o's residual
 def test_chunk_custom_ops(hla, dtype):
-    leaves = [x.detach() for x in make(1, 5, 1, (4, 4), 16, 1, True)]
+    leaves = [x.detach() for x in make(1, 5, 2, (4, 4), 16, 1, True)]
     q, k, v, S0, z0 = [x.to(dtype) for x in leaves[:2]], [x.to(dtype) for x in leaves[2:4]], *leaves[4:]
     v = v.to(dtype)
     utils = ("test_schema", "test_faketensor")
@@ -198,8 +198,9 @@ def test_chunk_custom_ops(hla, dtype):
         torch.library.opcheck(torch.ops.hadamard_attn.chunk_fwd.default, fwd_args, test_utils=utils)
     o, S, z, den, res = torch.ops.hadamard_attn.chunk_fwd(q, k, v, S0, z0, None, True, 1e-6, 16, True)
     grads = torch.ones_like(o), torch.ones_like(S), torch.ones_like(z)
-    args = (q, k, v, o, res, den, S0, z0, None, *grads, True, 1e-6, 16)
-    torch.library.opcheck(torch.ops.hadamard_attn.chunk_bwd.default, args, test_utils=utils)
+    for heads in (2, 1):  # all heads at once, one a pass
+        args = (q, k, v, o, res, den, S0, z0, None, *grads, True, 1e-6, 16, heads)
+        torch.library.opcheck(torch.ops.hadamard_attn.chunk_bwd.default, args, test_utils=utils)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -333,10 +334,16 @@ def test_bounds_checker_catches(hla, gpu_chunk):
         shifted_copy[(1,)](x, y, 1)
 
 
-@pytest.mark.parametrize("small, memory, expected", [(2**30, 0, (64, 32)), (0, 2**40, (64, 32)), (0, 2**10, (64, 64))])
-def test_chunk_hadamard_attn_triton_backward_chunk_size(hla, monkeypatch, small, memory, expected):
-    """In chunks of 64 (the GPU's), the backward of wide factors takes chunks of 32 (``backward_chunk_size``), unless
-    its per-chunk states at 32 are large (over ``SMALL_STATES``) and would take more than half the free memory."""
+@pytest.mark.parametrize(
+    "small, memory, expected",
+    [(2**30, 0, (64, 32, 3)), (0, 2**40, (64, 32, 3)), (0, 2 * 2 * 8 * 128 * 16 * 4 * 2, (64, 32, 2)),
+     (0, 2 * 2 * 8 * 128 * 16 * 4, (64, 32, 1)), (0, 2 * 2 * 4 * 128 * 16 * 4, (64, 64, 1)), (0, 2**10, (64, 64, 1))],
+)  # fmt: skip
+def test_chunk_hadamard_attn_triton_backward_plan(hla, monkeypatch, small, memory, expected):
+    """In chunks of 64 (the GPU's), the backward of wide factors takes chunks of 32 for all heads at once
+    (``backward_plan``) where its per-chunk states are under ``SMALL_STATES`` or take at most half the free memory;
+    else as many heads a pass as fit at 32, else at 64. Here T = 250 (8 chunks of 32, 4 of 64), H = 3, M = 128,
+    Dv = 16, fp32: one head's two state tensors take 2 x 8 x 128 x 16 x 4 bytes at 32."""
     chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
     monkeypatch.setattr(chunk, "default_chunk_size", lambda: 64)
     monkeypatch.setattr(chunk, "SMALL_STATES", small)
@@ -344,13 +351,29 @@ def test_chunk_hadamard_attn_triton_backward_chunk_size(hla, monkeypatch, small,
     sizes = []
     apply = chunk.ChunkHLATriton.apply
     monkeypatch.setattr(chunk.ChunkHLATriton, "apply", lambda *a: sizes.append(a[3]) or apply(*a))
-    leaves = make(1, 4, 1, (32, 4), 16, 1, False)
+    monkeypatch.setattr(chunk, "_chunk_bwd_heads", lambda *a: None)  # the plan only: no backward runs
+    leaves = make(1, 250, 3, (32, 4), 16, 1, False)
     chunk.chunk_hadamard_attn_triton(tuple(leaves[:2]), tuple(leaves[2:4]), leaves[4])
     assert sizes == [expected]
     v = leaves[4]
-    rule = [chunk.backward_chunk_size(64, w, v, None) for w in ((16, 16), (64,), (4, 64), (8, 8, 8))]
-    assert rule == ([64, 64, 64, 64] if expected[1] == 64 else [64, 32, 32, 32])
-    assert chunk.backward_chunk_size(16, (64, 64), v, None) == 16  # the interpreter's chunks: no change
+    # other widths of M = 128: narrow factors keep 64 (their states at 64 fit), wide or P = 3 as above
+    rule = [chunk.backward_plan(64, w, v, None)[0] for w in ((16, 8), (4, 32), (2, 4, 16))]
+    assert rule == [64, expected[1], expected[1]]
+    assert chunk.backward_plan(16, (64, 64), v, None)[0] == 16  # the interpreter's chunks: no change
+
+
+@pytest.mark.parametrize("cu", [None, [0, 5, 6, 40]])
+def test_chunk_backward_in_head_groups(hla, monkeypatch, cu):
+    """A backward in passes of two heads, the last pass one (``backward_plan`` where the per-chunk states of all
+    three heads do not fit): forward and every gradient against float64, with an initial state, through the final
+    state, dense (B = 2) and packed."""
+    chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
+    monkeypatch.setattr(chunk, "backward_plan", lambda C, widths, v, cu_seqlens: (C, 2))
+    passes = []
+    heads = chunk._chunk_bwd_heads
+    monkeypatch.setattr(chunk, "_chunk_bwd_heads", lambda *a: passes.append(a[2].shape[2]) or heads(*a))
+    check(hla, (4, 8), 16, 2 if cu is None else 1, 40, 3, True, True, cu_seqlens=cu, causal=True)
+    assert passes == [2, 1]
 
 
 def test_chunk64_narrow_factor(hla, gpu_chunk):

@@ -376,6 +376,50 @@ def test_chunk_backward_in_head_groups(hla, monkeypatch, cu):
     assert passes == [2, 1]
 
 
+@pytest.mark.parametrize("T, init", [(37, False), (0, True)])
+def test_chunk_bwd_head_passes_equal_all_heads(hla, T, init):
+    """The backward in passes of one head gives what all heads at once give, bit for bit: bf16 inputs (``o``'s
+    rounding residual saved), no final-state gradient; T = 0 with an initial state (only ``dS0`` is written)."""
+    chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
+    leaves = [x.detach() for x in make(2, T, 3, (4, 8), 16, 2, init)]
+    q, k = [x.bfloat16() for x in leaves[:2]], [x.bfloat16() for x in leaves[2:4]]
+    v = leaves[4].bfloat16()
+    S0, z0 = leaves[5:] if init else (None, None)
+    o, S, z, den, res = chunk._chunk_fwd(q, k, v, S0, z0, None, True, 1e-6, 16, True)
+    assert res.numel() == o.numel()
+    do = torch.randn_like(o)
+    dS = torch.randn_like(S) if init else None
+    dz = torch.randn_like(z) if init else None
+    whole, *passes = (
+        chunk._chunk_bwd(q, k, v, o, res, den, S0, z0, None, do, dS, dz, True, 1e-6, 16, heads) for heads in (3, 2, 1)
+    )
+    flat = [[*dq, *dk, dv, dS0, dz0] for dq, dk, dv, dS0, dz0 in (whole, *passes)]
+    for grads in flat[1:]:
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(flat[0], grads))
+    assert all(not g.isnan().any() for g in flat[0])
+    with pytest.raises(ValueError, match="heads: expected at least 1"):
+        chunk._chunk_bwd(q, k, v, o, res, den, S0, z0, None, do, dS, dz, True, 1e-6, 16, 0)
+
+
+def test_backward_plan_asks_the_device_only_when_needed(hla, monkeypatch):
+    """No plan without a gradient (inference does not ask the device for its memory); under torch.compile's tracing
+    the plan never asks and runs large states for all heads at the forward's chunk size, as before."""
+    chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
+
+    def asked(*args):
+        raise AssertionError("asked")
+
+    monkeypatch.setattr(chunk, "default_chunk_size", lambda: 64)
+    leaves = make(1, 20, 3, (32, 4), 16, 1, False)
+    with monkeypatch.context() as m, torch.no_grad():
+        m.setattr(chunk, "backward_plan", asked)
+        chunk.chunk_hadamard_attn_triton(tuple(leaves[:2]), tuple(leaves[2:4]), leaves[4])
+    monkeypatch.setattr(chunk, "SMALL_STATES", 0)
+    monkeypatch.setattr(chunk, "_free_memory", asked)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert chunk.backward_plan(64, (32, 4), leaves[4], None) == (64, 3)
+
+
 def test_chunk64_narrow_factor(hla, gpu_chunk):
     # the GPU's NaN case, smaller: widths (64, 4) (factor 2 padded to 16 in the similarities, factor blocks of 4
     # in the Khatri-Rao tiles), Dv = 128 in two Dv tiles, T = 2 chunks exactly, normalize, no initial state

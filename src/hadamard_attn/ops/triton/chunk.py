@@ -147,17 +147,19 @@ def default_chunk_size() -> int:
 def backward_plan(C: int, widths: tuple[int, ...], v: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[int, int]:
     """The backward's ``(chunk size, heads per pass)`` for a forward in chunks of ``C``.
 
-    Chunk size: 32 where ``C`` is larger and P = 3 or a factor is wider than 16, else ``C`` (the backward's own
-    state walk recomputes the states at its own size). ``chunk_bwd_kernel`` holds ``[C, C]`` blocks and ``[C, R_f]``
-    factor gradients in the registers of two warps (``safe_configs``) and spilled at 64 (H100, N = 4,096, bf16,
-    H = 12, Dv = 128, ms at C = 64 / 32: (32, 32) 7.8 / 0.44, (64, 64) 30.1 / 1.8, (16, 16, 16) 36.7 / 2.5, its first
-    autotuning candidate; the state walk 0.9 / 1.1, 2.9 / 4.4, 2.6 / 3.0). The forward keeps 64, where its state
-    walk takes half the steps.
+    Chunk size: 32 where ``C`` is larger and P = 3 or a factor is wider than 16 and the states of at least one head
+    fit at 32, else ``C`` (the backward's own state walk recomputes the states at its own size).
+    ``chunk_bwd_kernel`` holds ``[C, C]`` blocks and ``[C, R_f]`` factor gradients in the registers of two warps
+    (``safe_configs``) and spilled at 64 (H100, N = 4,096, bf16, H = 12, Dv = 128, ms at C = 64 / 32: (32, 32)
+    7.8 / 0.44, (64, 64) 30.1 / 1.8, (16, 16, 16) 36.7 / 2.5, its first autotuning candidate; the state walk
+    0.9 / 1.1, 2.9 / 4.4, 2.6 / 3.0). The forward keeps 64, where its state walk takes half the steps.
 
     Heads per pass: all of them where the backward's two per-chunk state tensors (``hs`` and ``dhs``,
     ``[NT, H, M, Dv]``) fit (``backward_heads``), else as many as fit, one pass per group of heads (each head's
-    backward is independent). Before, such a backward fell back to chunks of 64 for all heads at once: (64, 64) at
-    131,072 tokens (2 x 48 GiB at 32) took 1,040 ms forward+backward on the H100, against 47 ms for (32, 32).
+    backward is independent); narrow factors too, at ``C``. Before, a wide backward whose states did not fit at 32
+    fell back to chunks of 64 for all heads at once: (64, 64) at 131,072 tokens (2 x 48 GiB at 32) took 1,040 ms
+    forward+backward on the H100, against 47 ms for (32, 32). Where not even one head fits at ``C``: ``(C, 1)`` (the
+    allocator will say so); under ``torch.compile``'s tracing, where the device is not asked: ``(C, H)``.
     """
     H = v.shape[2]
     M = math.prod(widths)
@@ -1121,6 +1123,8 @@ def _chunk_bwd(
     state's gradient, None for none. In passes of ``heads`` heads (``backward_plan``), each on contiguous copies of
     its heads' slices, its gradients copied into the whole."""
     B, T, H, Dv = v.shape
+    if heads < 1:
+        raise ValueError(f"heads: expected at least 1 head a pass, got {heads}")
     if heads >= H:
         return _chunk_bwd_heads(q, k, v, o, res, den, S0, z0, cu_seqlens, do, dS, dz, normalize, eps, chunk_size)
     dq = [empty(x.shape, x.dtype, v.device) for x in q]
@@ -1147,8 +1151,9 @@ def _chunk_bwd(
 
 
 def _heads(x: torch.Tensor | None, dim: int = 2, *, h: int, n: int) -> torch.Tensor | None:
-    """Heads ``h`` to ``h + n`` of ``x`` (its dimension ``dim``), a view; None and empty tensors as they are."""
-    return x if x is None or x.numel() == 0 else x.narrow(dim, h, n)
+    """Heads ``h`` to ``h + n`` of ``x`` (its dimension ``dim``), a view; None and tensors without that dimension
+    (an empty ``res``) as they are."""
+    return x if x is None or x.dim() <= dim else x.narrow(dim, h, n)
 
 
 def _chunk_bwd_heads(
@@ -1307,12 +1312,17 @@ def chunk_hadamard_attn_triton(
 
     ``q, k``: P <= 3 factors ``[B, T, H, R_f]``; ``v [B, T, H, Dv]``; state ``(S [N, H, M, Dv], z [N, H, M])``
     in fp32. ``chunk_size``: a power of two >= 16, forward and backward (default: ``default_chunk_size``, and
-    ``backward_plan`` for the backward: its chunk size, heads per pass). Differentiable w.r.t. the factors, ``v``
-    and ``initial_state``, also through the final state.
+    ``backward_plan`` for the backward: its chunk size, heads per pass, asked only where a gradient may be needed;
+    a given ``chunk_size`` runs the backward for all heads at once). Differentiable w.r.t. the factors, ``v`` and
+    ``initial_state``, also through the final state.
     """
     S0, z0 = (None, None) if initial_state is None else initial_state
     C = chunk_size or default_chunk_size()
-    plan = (C, v.shape[2]) if chunk_size else backward_plan(C, tuple(x.shape[-1] for x in q), v, cu_seqlens)
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (*q, *k, v, S0, z0))
+    if chunk_size or not grad:
+        plan = (C, v.shape[2])
+    else:
+        plan = backward_plan(C, tuple(x.shape[-1] for x in q), v, cu_seqlens)
     sizes = (C, *plan)
     o, S, z = ChunkHLATriton.apply(len(q), normalize, eps, sizes, cu_seqlens, v, S0, z0, *q, *k)
     return o, ((S, z) if output_final_state else None)

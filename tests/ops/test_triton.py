@@ -281,6 +281,23 @@ def test_api_backend_triton():
     assert rel(o, o_ref) < 1e-5
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_api_backend_triton_strided_inputs(causal):
+    """Factors given as one ``[B, T, H, P, R]`` tensor (strided views of it) and a transposed ``v``: the output and
+    every gradient against float64 (the non-causal backward read the saved views as if contiguous)."""
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.rand(2, 11, 2, 2, 4, generator=g).to(DEVICE).requires_grad_(True) for _ in range(2))
+    v = torch.randn(2, 2, 11, 16, generator=g).to(DEVICE).requires_grad_(True)
+    do = torch.randn(2, 11, 2, 16, generator=g).to(DEVICE)
+    outs = []
+    for backend, dtype in (("triton", torch.float32), ("naive", torch.float64)):
+        xs = [x.to(dtype) for x in (q, k, v)]
+        o, _ = hadamard_attn(xs[0], xs[1], xs[2].transpose(1, 2), causal=causal, backend=backend)
+        outs.append((o, *torch.autograd.grad(o, (q, k, v), do.to(dtype))))
+    for name, a, b in zip(("o", "dq", "dk", "dv"), *outs):
+        assert rel(a, b) < 1e-5, f"{name}: {rel(a, b):.2e}"
+
+
 def _inputs(widths=(4, 4), Dv=16, dtype=torch.float32, device=DEVICE):
     q = tuple(torch.rand(1, 3, 1, r, dtype=dtype, device=device) for r in widths)
     return q, q, torch.randn(1, 3, 1, Dv, dtype=dtype, device=device)

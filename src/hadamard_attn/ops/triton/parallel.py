@@ -559,6 +559,11 @@ def _parallel_bwd(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``(dq, dk, dv, dS0, dz0)`` given the saved forward and the gradients of ``o, S, z`` (``dS, dz``
     None for an unused final state)."""
+    # the saved inputs as the caller gave them: the kernels read them contiguous (factors given as one
+    # [B, T, H, P, R] tensor are strided views)
+    q = tuple(_flat(x) for x in q)
+    k = tuple(_flat(x) for x in k)
+    v = _flat(v)
     B, T, H, Dv = v.shape
     seqs = sequences(cu_seqlens, B, T, v.device)
     do = _flat(do)

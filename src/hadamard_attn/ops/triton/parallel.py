@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 
 from .utils import (
+    Seqs,
+    alignment,
     at_least,
     at_most,
     autotuned,
@@ -392,6 +394,12 @@ def token_bwd_kernel(
             tl.store(dv + rows[:, None] * DV + o_v[None, :], (b_dv * out).to(dv.dtype.element_ty), mask=mask_t[:, None])
 
 
+def _seqs_key(seqs: Seqs) -> tuple:
+    """The sequences' part of a ``launch`` key (the non-causal grids follow the token count, never ``cu_seqlens``):
+    dense or packed, and a packed batch's ``cu_seqlens`` dtype and alignment (the caller's tensor, or a copy)."""
+    return seqs.IS_VARLEN, alignment(seqs.cu_seqlens)
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
@@ -443,9 +451,10 @@ def _with_z(S: torch.Tensor, z: torch.Tensor, scale: torch.Tensor | None, dtype:
     N, H, M, Dv = S.shape
     Sz = empty((N, H, M, Dv + 16), dot_dtype(dtype), S.device)
     BMP = 16 if interpreting() else 32
+    key = (S.shape, S.device, alignment(S, z, scale, Sz))
     launch(
         pack_state_kernel, (cdiv(M, BMP), N * H),
-        S, z, scale if scale is not None else z, Sz, M, DV=Dv, HAS_SCALE=scale is not None, BMP=BMP,
+        S, z, scale if scale is not None else z, Sz, M, key=key, DV=Dv, HAS_SCALE=scale is not None, BMP=BMP,
     )  # fmt: skip
     return Sz
 
@@ -453,10 +462,12 @@ def _with_z(S: torch.Tensor, z: torch.Tensor, scale: torch.Tensor | None, dtype:
 def _build_state(x, v, S, z, seqs, w_mode, w=None, scale=None):
     """``S += phi(x)^T v / scale``, ``z += phi(x)^T w`` in place (see ``state_kernel``; ``scale [N, H]`` or None)."""
     B, T, H, Dv = v.shape
-    R1, R2, R3 = widths3(tuple(t.shape[-1] for t in x))
+    widths = tuple(t.shape[-1] for t in x)
+    R1, R2, R3 = widths3(widths)
     x1, x2, x3 = factors3(x)
     DOT, PREC = dot_config(v.dtype)
     TT = B * T
+    key = (v.shape, v.device, widths, w_mode, *_seqs_key(seqs), alignment(*x, v, w, scale, S, z))
 
     def grid(meta):
         # split the tokens so that there are about 8 programs per SM (H100, (32, 32), N = 32760: 4 per SM
@@ -468,7 +479,7 @@ def _build_state(x, v, S, z, seqs, w_mode, w=None, scale=None):
     launch(
         state_kernel, grid,
         x1, x2, x3, v, w if w is not None else v, scale if scale is not None else z, S, z,
-        seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ,
+        seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, key=key,
         LENGTH_CLASS=length_class(TT), H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(x), W_MODE=w_mode,
         IS_VARLEN=seqs.IS_VARLEN, HAS_SCALE=scale is not None, DOT=DOT, PREC=PREC,
     )  # fmt: skip
@@ -477,17 +488,19 @@ def _build_state(x, v, S, z, seqs, w_mode, w=None, scale=None):
 def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, den=None, w=None, gq=None, dv=None):
     """Factor gradients ``dx_f`` of one side, in the factors' dtype; see ``token_bwd_kernel``."""
     B, T, H, Dv = g.shape
-    R1, R2, R3 = widths3(tuple(t.shape[-1] for t in x))
+    widths = tuple(t.shape[-1] for t in x)
+    R1, R2, R3 = widths3(widths)
     dx = [empty(t.shape, t.dtype, t.device) for t in x]
     x1, x2, x3 = factors3(x)
     d1, d2, d3 = factors3(dx)
     DOT, PREC = dot_config(g.dtype)
     TT = B * T
+    key = (g.shape, g.device, widths, query, normalize, *_seqs_key(seqs), alignment(*x, g, den, w, gq, S, scale, z, dv))
     launch(
         token_bwd_kernel, lambda meta: (cdiv(TT, meta["BT"]), H),
         x1, x2, x3, g, den if den is not None else g, w if w is not None else g, gq if gq is not None else g,
         S, scale if scale is not None else z, z, d1, d2, d3, dv if dv is not None else g,
-        seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
+        seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, float(eps), key=key,
         LENGTH_CLASS=length_class(TT), H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(x), QUERY=query,
         NORMALIZE=normalize, IS_VARLEN=seqs.IS_VARLEN, HAS_SCALE=scale is not None, DOT=DOT, PREC=PREC,
     )  # fmt: skip
@@ -524,11 +537,13 @@ def _parallel_fwd(
     DOT, PREC = dot_config(v.dtype)
     TT = B * T
     scale = _range_scale(S, z, v.dtype)
+    Sz = _with_z(S, z, scale, v.dtype)
+    key = (v.shape, v.device, tuple(x.shape[-1] for x in q), normalize, *_seqs_key(seqs), alignment(*q, Sz, scale, o))
     launch(
         readout_kernel, lambda meta: (cdiv(TT, meta["BT"]), cdiv(Dv, min(meta["BV"], Dv)), H),
-        x1, x2, x3, _with_z(S, z, scale, v.dtype), scale if scale is not None else z, o,
+        x1, x2, x3, Sz, scale if scale is not None else z, o,
         den,
-        seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, eps,
+        seqs.cu_seqlens, seqs.seq_ids, TT, seqs.T_SEQ, float(eps), key=key,
         LENGTH_CLASS=length_class(TT), H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(q), NORMALIZE=normalize,
         IS_VARLEN=seqs.IS_VARLEN, HAS_SCALE=scale is not None, DOT=DOT, PREC=PREC,
     )  # fmt: skip

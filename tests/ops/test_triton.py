@@ -81,6 +81,17 @@ def test_parallel_varlen(normalize, init):
     check(hla_triton, (4, 8), 16, 1, 30, 2, normalize, init, cu_seqlens=[0, 1, 9, 30], causal=False)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_strided_cu_seqlens(causal):
+    """A strided ``cu_seqlens`` (every other entry of a longer one) gives what its contiguous copy gives."""
+    leaves = make(1, 30, 2, (4, 8), 16, 1, False)
+    q, k, v = tuple(leaves[:2]), tuple(leaves[2:4]), leaves[4]
+    cu = torch.tensor([0, 0, 9, 9, 30, 30], dtype=torch.int32, device=DEVICE)[::2]
+    a, _ = hadamard_attn(q, k, v, causal=causal, cu_seqlens=cu, backend="triton")
+    b, _ = hadamard_attn(q, k, v, causal=causal, cu_seqlens=cu.contiguous(), backend="triton")
+    assert not cu.is_contiguous() and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("used", ["o", "S", "z", "Sz", "oz"])
 def test_parallel_partial_outputs(used):
     check_partial(hla_triton, used, causal=False)

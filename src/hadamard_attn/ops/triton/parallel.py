@@ -495,7 +495,15 @@ def _token_bwd(x, g, S, scale, z, seqs, query, normalize, eps, den=None, w=None,
     d1, d2, d3 = factors3(dx)
     DOT, PREC = dot_config(g.dtype)
     TT = B * T
-    key = (g.shape, g.device, widths, query, normalize, *_seqs_key(seqs), alignment(*x, g, den, w, gq, S, scale, z, dv))
+    key = (
+        g.shape,
+        g.device,
+        widths,
+        query,
+        normalize,
+        *_seqs_key(seqs),
+        alignment(*x, g, den, w, gq, S, scale, z, dv, *dx),
+    )
     launch(
         token_bwd_kernel, lambda meta: (cdiv(TT, meta["BT"]), H),
         x1, x2, x3, g, den if den is not None else g, w if w is not None else g, gq if gq is not None else g,
@@ -538,7 +546,14 @@ def _parallel_fwd(
     TT = B * T
     scale = _range_scale(S, z, v.dtype)
     Sz = _with_z(S, z, scale, v.dtype)
-    key = (v.shape, v.device, tuple(x.shape[-1] for x in q), normalize, *_seqs_key(seqs), alignment(*q, Sz, scale, o))
+    key = (
+        v.shape,
+        v.device,
+        tuple(x.shape[-1] for x in q),
+        normalize,
+        *_seqs_key(seqs),
+        alignment(*q, Sz, scale, z, o, den),
+    )
     launch(
         readout_kernel, lambda meta: (cdiv(TT, meta["BT"]), cdiv(Dv, min(meta["BV"], Dv)), H),
         x1, x2, x3, Sz, scale if scale is not None else z, o,

@@ -305,7 +305,7 @@ def sequences(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> Seqs:
     """The B rows of a dense batch, or the ``cu_seqlens`` ranges of a packed one (``B == 1``)."""
     if cu_seqlens is None:
         return Seqs(dummy(device), dummy(device), B, T, False)
-    cu = cu_seqlens.to(torch.int32)
+    cu = cu_seqlens.to(torch.int32).contiguous()  # the kernels read it contiguous (a strided one passes the API)
     seq_ids = torch.bucketize(torch.arange(T, device=device, dtype=torch.int32), cu[1:], right=True).to(torch.int32)
     return Seqs(cu, seq_ids, cu.numel() - 1, 0, True)
 

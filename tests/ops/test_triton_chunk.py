@@ -348,13 +348,21 @@ def test_chunk_hadamard_attn_triton_backward_plan(hla, monkeypatch, small, memor
     monkeypatch.setattr(chunk, "default_chunk_size", lambda: 64)
     monkeypatch.setattr(chunk, "SMALL_STATES", small)
     monkeypatch.setattr(chunk, "_free_memory", lambda device: memory)
-    sizes = []
-    apply = chunk.ChunkHLATriton.apply
-    monkeypatch.setattr(chunk.ChunkHLATriton, "apply", lambda *a: sizes.append(a[3]) or apply(*a))
-    monkeypatch.setattr(chunk, "_chunk_bwd_heads", lambda *a: None)  # the plan only: no backward runs
+    plans = []
+
+    class Planned(Exception):
+        pass
+
+    def planned(*args):  # the plan only: no backward runs
+        plans.append(args[-2:])
+        raise Planned
+
+    monkeypatch.setattr(chunk, "_chunk_bwd", planned)
     leaves = make(1, 250, 3, (32, 4), 16, 1, False)
-    chunk.chunk_hadamard_attn_triton(tuple(leaves[:2]), tuple(leaves[2:4]), leaves[4])
-    assert sizes == [expected]
+    o, _ = chunk.chunk_hadamard_attn_triton(tuple(leaves[:2]), tuple(leaves[2:4]), leaves[4])
+    with pytest.raises(Planned):
+        o.sum().backward()
+    assert plans == [expected[1:]]
     v = leaves[4]
     # other widths of M = 128: narrow factors keep 64 (their states at 64 fit), wide or P = 3 as above
     rule = [chunk.backward_plan(64, w, v, None)[0] for w in ((16, 8), (4, 32), (2, 4, 16))]
@@ -402,8 +410,9 @@ def test_chunk_bwd_head_passes_equal_all_heads(hla, T, init):
 
 
 def test_backward_plan_asks_the_device_only_when_needed(hla, monkeypatch):
-    """No plan without a gradient (inference does not ask the device for its memory); under torch.compile's tracing
-    the plan never asks and runs large states for all heads at the forward's chunk size, as before."""
+    """The backward is planned when it runs (a forward, even with gradients on, does not ask the device for its
+    memory); under torch.compile's tracing the plan never asks and runs large states for all heads at the forward's
+    chunk size, as before."""
     chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
 
     def asked(*args):
@@ -411,7 +420,7 @@ def test_backward_plan_asks_the_device_only_when_needed(hla, monkeypatch):
 
     monkeypatch.setattr(chunk, "default_chunk_size", lambda: 64)
     leaves = make(1, 20, 3, (32, 4), 16, 1, False)
-    with monkeypatch.context() as m, torch.no_grad():
+    with monkeypatch.context() as m:
         m.setattr(chunk, "backward_plan", asked)
         chunk.chunk_hadamard_attn_triton(tuple(leaves[:2]), tuple(leaves[2:4]), leaves[4])
     monkeypatch.setattr(chunk, "SMALL_STATES", 0)

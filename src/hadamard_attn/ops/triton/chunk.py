@@ -1273,28 +1273,32 @@ class ChunkHLATriton(torch.autograd.Function):
     ``torch.compile``; their Python functions in eager mode, see ``traced``)."""
 
     @staticmethod
-    def forward(ctx, P, normalize, eps, chunk_sizes, cu_seqlens, v, S0, z0, *factors):
+    def forward(ctx, P, normalize, eps, chunk_size, given, cu_seqlens, v, S0, z0, *factors):
+        """``chunk_size``: the forward's; ``given``: whether the caller chose it (then the backward's too)."""
         q, k = list(factors[:P]), list(factors[P:])
         backward = any(ctx.needs_input_grad)
         o, S, z, den, res = traced(chunk_fwd, _chunk_fwd)(
-            q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_sizes[0], backward
+            q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size, backward
         )
         ctx.save_for_backward(v, o, res, den, S0, z0, cu_seqlens, *factors)
-        ctx.cfg = (P, normalize, eps, *chunk_sizes[1:])
+        ctx.cfg = (P, normalize, eps, chunk_size, given)
         ctx.set_materialize_grads(False)  # an unused final state costs no zeros
         return o, S, z
 
     @staticmethod
     def backward(ctx, do, dS, dz):
-        P, normalize, eps, C, heads = ctx.cfg
+        P, normalize, eps, C, given = ctx.cfg
         v, o, res, den, S0, z0, cu_seqlens, *factors = ctx.saved_tensors
         do, dS, dz = upstream_grads(o, do, dS, dz)
+        # planned now, with the memory free now (other layers' activations come and go between the passes)
+        widths = tuple(x.shape[-1] for x in factors[:P])
+        C, heads = (C, v.shape[2]) if given else backward_plan(C, widths, v, cu_seqlens)
         dq, dk, dv, dS0, dz0 = traced(chunk_bwd, _chunk_bwd)(
             factors[:P], factors[P:], v, o, res, den, S0, z0, cu_seqlens, do, dS, dz, normalize, eps, C, heads
         )
         if S0 is None:
             dS0 = dz0 = None
-        return None, None, None, None, None, dv, dS0, dz0, *dq, *dk
+        return None, None, None, None, None, None, dv, dS0, dz0, *dq, *dk
 
 
 def chunk_hadamard_attn_triton(
@@ -1312,17 +1316,12 @@ def chunk_hadamard_attn_triton(
 
     ``q, k``: P <= 3 factors ``[B, T, H, R_f]``; ``v [B, T, H, Dv]``; state ``(S [N, H, M, Dv], z [N, H, M])``
     in fp32. ``chunk_size``: a power of two >= 16, forward and backward (default: ``default_chunk_size``, and
-    ``backward_plan`` for the backward: its chunk size, heads per pass, asked only where a gradient may be needed;
-    a given ``chunk_size`` runs the backward for all heads at once). Differentiable w.r.t. the factors, ``v`` and
+    ``backward_plan`` for the backward, when it runs: its chunk size and heads per pass; a given ``chunk_size``
+    runs the backward for all heads at once). Differentiable w.r.t. the factors, ``v`` and
     ``initial_state``, also through the final state.
     """
     S0, z0 = (None, None) if initial_state is None else initial_state
     C = chunk_size or default_chunk_size()
-    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (*q, *k, v, S0, z0))
-    if chunk_size or not grad:
-        plan = (C, v.shape[2])
-    else:
-        plan = backward_plan(C, tuple(x.shape[-1] for x in q), v, cu_seqlens)
-    sizes = (C, *plan)
-    o, S, z = ChunkHLATriton.apply(len(q), normalize, eps, sizes, cu_seqlens, v, S0, z0, *q, *k)
+    given = bool(chunk_size)
+    o, S, z = ChunkHLATriton.apply(len(q), normalize, eps, C, given, cu_seqlens, v, S0, z0, *q, *k)
     return o, ((S, z) if output_final_state else None)

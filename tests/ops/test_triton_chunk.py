@@ -429,6 +429,28 @@ def test_backward_plan_asks_the_device_only_when_needed(hla, monkeypatch):
     assert chunk.backward_plan(64, (32, 4), leaves[4], None) == (64, 3)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="launch keys take effect for compiled kernels only (not the interpreter)")
+@pytest.mark.parametrize("causal", [True, False])
+def test_launch_keys_match_the_binders_launches(hla, monkeypatch, causal):
+    """On a GPU: the third call of a shape (launched by its keys) gives what launches through Triton's binder give,
+    forward and every gradient, with an initial state, through the final state: bit for bit where the kernels are
+    deterministic (causal), within fp32 rounding where the non-causal state build adds its token splits atomically."""
+    leaves = make(2, 300, 3, (16, 8), 64, 2, True)
+    q, k, v, st = tuple(leaves[:2]), tuple(leaves[2:4]), leaves[4], tuple(leaves[5:])
+
+    def run():
+        o, (S, z) = hla.triton_hadamard_attn(q, k, v, causal, True, 1e-6, st, True, None)
+        return [o, S, z, *torch.autograd.grad(o.sum() + S.sum() + z.sum(), leaves)]
+
+    keyed = [run() for _ in range(3)][-1]
+    for name in ("chunk", "parallel", "step"):
+        module = sys.modules[f"hadamard_attn.ops.triton.{name}"]
+        launch = module.launch
+        monkeypatch.setattr(module, "launch", lambda *a, key=None, launch=launch, **kw: launch(*a, **kw))
+    same = torch.equal if causal else (lambda a, b: rel(a, b) < 1e-6)
+    assert all(same(a, b) for a, b in zip(keyed, run()))
+
+
 def test_chunk64_narrow_factor(hla, gpu_chunk):
     # the GPU's NaN case, smaller: widths (64, 4) (factor 2 padded to 16 in the similarities, factor blocks of 4
     # in the Khatri-Rao tiles), Dv = 128 in two Dv tiles, T = 2 chunks exactly, normalize, no initial state

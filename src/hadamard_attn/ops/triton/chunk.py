@@ -1101,6 +1101,12 @@ def _(q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size, backward):
     return (*fake_forward_outputs(q, v, cu_seqlens), res)
 
 
+def _heads(x: torch.Tensor | None, dim: int = 2, *, h: int, n: int) -> torch.Tensor | None:
+    """Heads ``h`` to ``h + n`` of ``x`` (its dimension ``dim``), a view; None and tensors without that dimension
+    (an empty ``res``) as they are."""
+    return x if x is None or x.dim() <= dim else x.narrow(dim, h, n)
+
+
 def _chunk_bwd(
     q: list[torch.Tensor],
     k: list[torch.Tensor],
@@ -1120,65 +1126,38 @@ def _chunk_bwd(
     heads: int,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal backward: ``(dq, dk, dv, dS0, dz0)`` (``dS0, dz0`` fp32, empty without ``S0``); ``dS, dz``: the final
-    state's gradient, None for none. In passes of ``heads`` heads (``backward_plan``), each on contiguous copies of
-    its heads' slices, its gradients copied into the whole."""
-    B, T, H, Dv = v.shape
-    if heads < 1:
-        raise ValueError(f"heads: expected at least 1 head a pass, got {heads}")
-    if heads >= H:
-        return _chunk_bwd_heads(q, k, v, o, res, den, S0, z0, cu_seqlens, do, dS, dz, normalize, eps, chunk_size)
-    dq = [empty(x.shape, x.dtype, v.device) for x in q]
-    dk = [empty(x.shape, x.dtype, v.device) for x in k]
-    dv = empty(v.shape, v.dtype, v.device)
-    dS0 = None if S0 is None else empty(S0.shape, torch.float32, v.device)
-    dz0 = None if z0 is None else empty(z0.shape, torch.float32, v.device)
-    den = den.view(B * T, H)
-    for h in range(0, H, heads):
-        part = functools.partial(_heads, h=h, n=min(heads, H - h))
-
-        grads = _chunk_bwd_heads(
-            [part(x) for x in q], [part(x) for x in k], part(v), part(o), part(res), part(den, 1),
-            part(S0, 1), part(z0, 1), cu_seqlens, part(do), part(dS, 1), part(dz, 1), normalize, eps, chunk_size,
-        )  # fmt: skip
-        for whole, g in zip((*dq, *dk, dv), (*grads[0], *grads[1], grads[2])):
-            part(whole).copy_(g)
-        if S0 is not None:
-            part(dS0, 1).copy_(grads[3])
-            part(dz0, 1).copy_(grads[4])
-    if S0 is None:
-        dS0, dz0 = v.new_empty(0, dtype=torch.float32), v.new_empty(0, dtype=torch.float32)
-    return dq, dk, dv, dS0, dz0
-
-
-def _heads(x: torch.Tensor | None, dim: int = 2, *, h: int, n: int) -> torch.Tensor | None:
-    """Heads ``h`` to ``h + n`` of ``x`` (its dimension ``dim``), a view; None and tensors without that dimension
-    (an empty ``res``) as they are."""
-    return x if x is None or x.dim() <= dim else x.narrow(dim, h, n)
-
-
-def _chunk_bwd_heads(
-    q: list[torch.Tensor],
-    k: list[torch.Tensor],
-    v: torch.Tensor,
-    o: torch.Tensor,
-    res: torch.Tensor,
-    den: torch.Tensor,
-    S0: torch.Tensor | None,
-    z0: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    do: torch.Tensor,
-    dS: torch.Tensor | None,
-    dz: torch.Tensor | None,
-    normalize: bool,
-    eps: float,
-    chunk_size: int,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``_chunk_bwd`` for all the heads it is given at once (any of its tensors may be a view of a larger one).
+    state's gradient, None for none. Any input may be a view of a larger tensor.
 
     Two launches after ``bwd_prep_kernel``: ``chunk_state_bwd_kernel`` recomputes the states entering the chunks
     and, in the same launch, walks the queries in reverse for the gradients of the states leaving them;
-    ``chunk_bwd_kernel`` does the rest, both sides at once.
+    ``chunk_bwd_kernel`` does the rest, both sides at once. With fewer ``heads`` than ``H`` (``backward_plan``), one
+    such backward per group of heads, on their slices, its gradients copied into the whole.
     """
+    B, T, H, Dv = v.shape
+    if heads < 1:
+        raise ValueError(f"heads: expected at least 1 head a pass, got {heads}")
+    if heads < H:
+        dq = [empty(x.shape, x.dtype, v.device) for x in q]
+        dk = [empty(x.shape, x.dtype, v.device) for x in k]
+        dv = empty(v.shape, v.dtype, v.device)
+        dS0 = None if S0 is None else empty(S0.shape, torch.float32, v.device)
+        dz0 = None if z0 is None else empty(z0.shape, torch.float32, v.device)
+        den = den.view(B * T, H)
+        for h in range(0, H, heads):
+            n = min(heads, H - h)
+            part = functools.partial(_heads, h=h, n=n)
+            grads = _chunk_bwd(
+                [part(x) for x in q], [part(x) for x in k], part(v), part(o), part(res), part(den, 1),
+                part(S0, 1), part(z0, 1), cu_seqlens, part(do), part(dS, 1), part(dz, 1), normalize, eps, chunk_size, n,
+            )  # fmt: skip
+            for whole, g in zip((*dq, *dk, dv), (*grads[0], *grads[1], grads[2])):
+                part(whole).copy_(g)
+            if S0 is not None:
+                part(dS0, 1).copy_(grads[3])
+                part(dz0, 1).copy_(grads[4])
+        if S0 is None:
+            dS0, dz0 = v.new_empty(0, dtype=torch.float32), v.new_empty(0, dtype=torch.float32)
+        return dq, dk, dv, dS0, dz0
     q = tuple(x.contiguous() for x in q)
     k = tuple(x.contiguous() for x in k)
     v = v.contiguous()

@@ -94,12 +94,19 @@ def poisoned(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def check_one(widths, Dv, dtype, B, T, H, normalize=True, init=False, cu=None, ref="naive", causal=False, pad=0):
+def check_one(
+    widths, Dv, dtype, B, T, H, normalize=True, init=False, cu=None, ref="naive", causal=False, pad=0, groups=None
+):
+    """One case against float64; ``groups``: the causal backward forced into passes of that many heads
+    (``backward_plan``, which otherwise splits only where the per-chunk states do not fit)."""
     P = len(widths)
     cu_t = None if cu is None else torch.tensor(cu, device=DEV, dtype=torch.int32)
     N = B if cu is None else len(cu) - 1
     q, k, v, st, leaves = make(B, T, H, widths, Dv, dtype, init, N, pad=pad)
     saved = tp.empty, tc.empty
+    plan = tc.backward_plan
+    if groups:
+        tc.backward_plan = lambda C, widths, v, cu_seqlens: (C, groups)
     runs = []
     try:
         # three calls: the second records the launches' keys (a dense batch), the third launches by them
@@ -114,6 +121,7 @@ def check_one(widths, Dv, dtype, B, T, H, normalize=True, init=False, cu=None, r
             runs.append((o, *s, *g1))
     finally:
         tp.empty, tc.empty = saved
+        tc.backward_plan = plan
     d = [x.detach().double().requires_grad_(True) for x in leaves]
     n = 2 * P + 1
     args = (tuple(d[:P]), tuple(d[P : 2 * P]), d[2 * P])
@@ -135,6 +143,7 @@ def check_one(widths, Dv, dtype, B, T, H, normalize=True, init=False, cu=None, r
     name = ("causal " if causal else "") + name
     name += f" cu={cu}" if cu else ""
     name += f" pad={pad}" if pad else ""
+    name += f" backward in passes of {groups} heads" if groups else ""
     fwd = f"o/S/z {errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e}"
     grads = " ".join(f"{n} {e:.1e}" for n, e in zip(names[3:], errs[3:]))
     log(f"  {'ok ' if ok else 'BAD'} {name}: {fwd} grads {grads}" + (f" NOT FINITE: {bad}" if bad else ""))
@@ -193,6 +202,13 @@ def check(large: bool, causal: bool = False, small: bool = True, config: int = 0
     # a transformers prefill: B = 2, T = 4 chunks of 64 exactly, the last row left-padded (zero keys and values)
     for dtype in (fp32, bf16, fp16) if small and not config else ():
         ok &= check_one((16, 16), 64, dtype, 2, 256, 8, True, False, None, causal=causal, pad=100)
+    # the causal backward in head groups (passes of 2, 2, 1 heads), dense with a state and packed
+    groups = [
+        ((64, 64), 128, torch.bfloat16, 2, 1200, 5, True, True, None),
+        ((16, 16), 64, fp32, 1, 2000, 5, True, True, [0, 700, 2000]),
+    ]
+    for c in groups if causal and small and not config else ():
+        ok &= check_one(*c, causal=True, groups=2)
     if large:
         big = "chunk" if causal else "parallel"  # the float64 torch path of the same mode
         ok &= check_one((32, 32), 128, torch.bfloat16, 1, 32760, 12, True, False, None, ref=big, causal=causal)

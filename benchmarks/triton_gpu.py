@@ -98,15 +98,16 @@ def check_one(
     widths, Dv, dtype, B, T, H, normalize=True, init=False, cu=None, ref="naive", causal=False, pad=0, groups=None
 ):
     """One case against float64; ``groups``: the causal backward forced into passes of that many heads
-    (``backward_plan``, which otherwise splits only where the per-chunk states do not fit)."""
+    (``backward_heads``, which otherwise splits only where the per-chunk states do not fit; ``backward_plan`` still
+    picks the chunk size, 32 for wide factors, as a split backward at real sizes runs)."""
     P = len(widths)
     cu_t = None if cu is None else torch.tensor(cu, device=DEV, dtype=torch.int32)
     N = B if cu is None else len(cu) - 1
     q, k, v, st, leaves = make(B, T, H, widths, Dv, dtype, init, N, pad=pad)
     saved = tp.empty, tc.empty
-    plan = tc.backward_plan
+    fit = tc.backward_heads
     if groups:
-        tc.backward_plan = lambda C, widths, v, cu_seqlens: (C, groups)
+        tc.backward_heads = lambda v, M, cu_seqlens, C: groups
     runs = []
     try:
         # three calls: the second records the launches' keys (a dense batch), the third launches by them
@@ -121,7 +122,7 @@ def check_one(
             runs.append((o, *s, *g1))
     finally:
         tp.empty, tc.empty = saved
-        tc.backward_plan = plan
+        tc.backward_heads = fit
     d = [x.detach().double().requires_grad_(True) for x in leaves]
     n = 2 * P + 1
     args = (tuple(d[:P]), tuple(d[P : 2 * P]), d[2 * P])

@@ -435,26 +435,38 @@ def test_backward_plan_asks_the_device_only_when_needed(hla, monkeypatch):
     assert chunk.backward_plan(64, (32, 4), leaves[4], None) == (64, 3)
 
 
+def misaligned(x: torch.Tensor) -> torch.Tensor:
+    """A leaf with ``x``'s values one element past a 16-byte boundary (another specialisation of every kernel)."""
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    return buf[1:].view(x.shape).copy_(x.detach()).requires_grad_(x.requires_grad)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="launch keys take effect for compiled kernels only (not the interpreter)")
 @pytest.mark.parametrize("causal", [True, False])
 def test_launch_keys_match_the_binders_launches(hla, monkeypatch, causal):
-    """On a GPU: the third call of a shape (launched by its keys) gives what launches through Triton's binder give,
-    forward and every gradient, with an initial state, through the final state: bit for bit where the kernels are
-    deterministic (causal), within fp32 rounding where the non-causal state build adds its token splits atomically."""
-    leaves = make(2, 300, 3, (16, 8), 64, 2, True)
-    q, k, v, st = tuple(leaves[:2]), tuple(leaves[2:4]), leaves[4], tuple(leaves[5:])
+    """On a GPU: calls launched by their keys give what launches through Triton's binder give, forward and every
+    gradient, with an initial state, through the final state: bit for bit where the kernels are deterministic
+    (causal), within fp32 rounding where the non-causal state build adds its token splits atomically. The calls
+    alternate aligned inputs and misaligned copies of the same shapes, which a key must keep apart."""
+    aligned = make(2, 300, 3, (16, 8), 64, 2, True)
+    inputs = {"aligned": aligned, "misaligned": [misaligned(x) for x in aligned]}
+    assert all(x.data_ptr() % 16 for x in inputs["misaligned"])
 
-    def run():
+    def run(leaves):
+        q, k, v, st = tuple(leaves[:2]), tuple(leaves[2:4]), leaves[4], tuple(leaves[5:])
         o, (S, z) = hla.triton_hadamard_attn(q, k, v, causal, True, 1e-6, st, True, None)
         return [o, S, z, *torch.autograd.grad(o.sum() + S.sum() + z.sum(), leaves)]
 
-    keyed = [run() for _ in range(3)][-1]
+    order = ["aligned", "aligned", "misaligned", "misaligned", "aligned", "misaligned"]
+    keyed = [(name, run(inputs[name])) for name in order][2:]  # from each input's second call on: by its keys
     for name in ("chunk", "parallel", "step"):
         module = sys.modules[f"hadamard_attn.ops.triton.{name}"]
         launch = module.launch
         monkeypatch.setattr(module, "launch", lambda *a, key=None, launch=launch, **kw: launch(*a, **kw))
+    binder = {name: run(x) for name, x in inputs.items()}
     same = torch.equal if causal else (lambda a, b: rel(a, b) < 1e-6)
-    assert all(same(a, b) for a, b in zip(keyed, run()))
+    for name, out in keyed:
+        assert all(same(a, b) for a, b in zip(out, binder[name])), name
 
 
 def test_chunk64_narrow_factor(hla, gpu_chunk):

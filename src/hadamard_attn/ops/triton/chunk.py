@@ -1161,7 +1161,6 @@ def _chunk_bwd(
     q = tuple(x.contiguous() for x in q)
     k = tuple(x.contiguous() for x in k)
     v = v.contiguous()
-    B, T, H, Dv = v.shape
     C = chunk_size
     seqs = sequences(cu_seqlens, B, T, v.device)
     chunks = _chunk_index(seqs, C, v.device)

@@ -486,7 +486,7 @@ def test_chunk64_left_padding_final_state(hla, gpu_chunk):
     # left-padded over a whole chunk and part of the next (zero keys and values), the final state and gradients
     real = torch.ones(2, 256, dtype=torch.bool)
     real[1, :100] = False
-    check(hla, (16, 16), 64, 2, 256, 2, True, False, real=real.to(DEVICE), causal=True)
+    check(hla, (16, 16), 64, 2, 256, 2, True, False, real=real, causal=True)
 
 
 def test_segment_count(hla, monkeypatch):

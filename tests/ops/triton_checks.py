@@ -54,8 +54,9 @@ def make(B, T, H, widths, Dv, N, init, seed=0, dtype=torch.float32, real=None):
     k = [torch.rand(B, T, H, r, generator=g) for r in widths]
     v = torch.randn(B, T, H, Dv, generator=g)
     if real is not None:  # padding tokens ([B, T] False): zero keys and values, as the transformers layers pass them
-        k = [torch.where(real[:, :, None, None], x, 0) for x in k]
-        v = torch.where(real[:, :, None, None], v, 0)
+        real = real.cpu()[:, :, None, None]  # the inputs are drawn on the CPU and moved at the end
+        k = [torch.where(real, x, 0) for x in k]
+        v = torch.where(real, v, 0)
     M = math.prod(widths)
     st = [torch.rand(N, H, M, Dv, generator=g), torch.rand(N, H, M, generator=g)] if init else []
     xs = [x.to(DEVICE, dtype).requires_grad_(True) for x in [*q, *k, v]]

@@ -24,6 +24,7 @@ forward+backward 3x that; causal SDPA forward ``2 N^2 D``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import sys
@@ -336,13 +337,23 @@ def profile(fn):
         log(f"      {e.device_time_total / 3e3:8.3f} ms/call  {e.count // 3:3d}x  {e.key[:90]}")
 
 
-def sdpa_fns(N, H, Dv, causal=False, compile_mode=None):
-    """SDPA (flash, bf16) forward and forward+backward closures; ``compile_mode``: see ``compiled``."""
+SDPA_BACKENDS = {
+    "flash": [torch.nn.attention.SDPBackend.FLASH_ATTENTION],
+    "cudnn": [torch.nn.attention.SDPBackend.CUDNN_ATTENTION],
+    "efficient": [torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION],
+    "default": None,  # torch's own choice
+}
+
+
+def sdpa_fns(N, H, Dv, causal=False, compile_mode=None, backend="flash"):
+    """SDPA (bf16, ``backend`` of ``SDPA_BACKENDS``: flash unless named) forward and forward+backward closures;
+    ``compile_mode``: see ``compiled``."""
     q, k, v = (torch.randn(1, H, N, Dv, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
 
     def fwd():
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        chosen = SDPA_BACKENDS[backend]
+        with contextlib.nullcontext() if chosen is None else torch.nn.attention.sdpa_kernel(chosen):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     fwd = compiled(fwd, compile_mode)
@@ -359,6 +370,21 @@ def bench_sdpa(N, H, Dv, causal=False):
     r = bench_ms(fwd, rep=100), bench_ms(fwd_bwd, rep=100), peak_mem(fwd_bwd)
     log_graph_replay("SDPA", fwd, fwd_bwd)
     return r
+
+
+def sdpa_backends(ns, H, Dv, causal):
+    """SDPA's forward and forward+backward ms for each backend of ``SDPA_BACKENDS`` (the tables compare with flash,
+    as the bars name it; torch's default may pick another, faster one)."""
+    log(f"SDPA backends ({'causal' if causal else 'non-causal'}, bf16, B=1, H={H}, Dv={Dv}; ms fwd / f+b)")
+    for N in ns:
+        cells = []
+        for name in SDPA_BACKENDS:
+            try:
+                fwd, fwd_bwd = sdpa_fns(N, H, Dv, causal, backend=name)
+                cells.append(f"{name} {bench_ms(fwd, rep=100):.3f} / {bench_ms(fwd_bwd, rep=100):.3f}")
+            except RuntimeError as e:  # a backend that does not take these inputs
+                cells.append(f"{name} unavailable ({str(e).splitlines()[0][:60]})")
+        log(f"  N={N}: " + ", ".join(cells))
 
 
 def bar_rounds(ns, widths_list, causal, rounds, compile_mode=None):
@@ -502,6 +528,7 @@ def main():
         default=0,
         help="then time HLA Triton and SDPA forward+backward in alternation this many times at each N and width",
     )
+    p.add_argument("--sdpa-backends", action="store_true", help="only SDPA, each of its backends, at --ns")
     p.add_argument(
         "--compile",
         default=None,
@@ -525,6 +552,9 @@ def main():
     log(f"date {time.strftime('%Y-%m-%d')}")
     if a.step:
         sys.exit(0 if check_step() else 1)
+    if a.sdpa_backends:
+        sdpa_backends([int(n) for n in a.ns.split(",")], 12, 128, a.causal)
+        sys.exit(0)
     ok = True
     if not a.skip_check:
         t0 = time.time()

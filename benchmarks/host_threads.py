@@ -6,8 +6,9 @@ The backward of a CUDA graph runs on autograd's device thread. For HLA (Python `
 and torch's default backend, C++ backward) and a trivial Python ``autograd.Function`` (one elementwise op each way:
 the hand-off's own cost), in both autograd modes (``torch.autograd.set_multithreading_enabled``): the ``do_bench``
 median of a forward+backward, the host time per call (calls without synchronising), and for HLA the Python time
-inside its ``forward`` and ``backward``. ``--pin CPU``: the process (its threads inherit it) on one core, to see
-whether moving between cores is part of the cost. HLA is checked against float64 first (``triton_gpu.check_one``).
+inside its ``forward`` and ``backward``. ``--pin CPU``: every thread of the process (and those it starts later) on
+one core, to see whether moving between cores is part of the cost. HLA is checked against float64 first
+(``triton_gpu.check_one``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import statistics
 import time
 
 import torch
-import triton.testing
-from triton_gpu import DEV, check_one, make, sdpa_fns
+import triton
+from triton_gpu import DEV, bench_ms, check_one, make, sdpa_default_backend, sdpa_fns
 
 from hadamard_attn.ops.triton import chunk as tc
 
@@ -83,11 +84,13 @@ def main() -> None:
     p.add_argument("--pin", type=int, default=None, metavar="CPU", help="run the process on this core only")
     p.add_argument("--rounds", type=int, default=2, help="passes over both modes")
     a = p.parse_args()
-    if a.pin is not None:
-        os.sched_setaffinity(0, {a.pin})  # before autograd starts its device threads, which inherit it
+    if a.pin is not None:  # each thread has its own mask (import torch started some); later threads inherit it
+        for task in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(task), {a.pin})
     widths = tuple(int(r) for r in a.widths.split("x"))
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}")
     print(f"causal {a.widths}, bf16, B=1, N={a.n}, H={a.heads}, Dv={a.dv}; cores {sorted(os.sched_getaffinity(0))}")
+    print(f"SDPA's default backend here: {sdpa_default_backend(a.n, a.heads, a.dv, causal=True)}")
     if not check_one(widths, a.dv, torch.bfloat16, 1, 1000, 2, causal=True):
         raise SystemExit("HLA does not match the float64 reference")
 
@@ -112,7 +115,7 @@ def main() -> None:
                     acc.update(fwd=0.0, bwd=0.0, n=0)
                     host = statistics.median(host_ms(fn) for _ in range(5))
                     inside = acc["n"] and (1e6 * acc["fwd"] / acc["n"], 1e6 * acc["bwd"] / acc["n"])
-                    ms = statistics.median(triton.testing.do_bench(fn, rep=100) for _ in range(3))
+                    ms = statistics.median(bench_ms(fn, rep=100) for _ in range(3))
                     mode = "on " if threads else "off"
                     line = f"  device thread {mode} {name:12s} {ms:.3f} ms, host {host:.3f} ms a call"
                     if inside:

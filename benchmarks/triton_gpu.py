@@ -350,9 +350,9 @@ def sdpa_fns(N, H, Dv, causal=False, compile_mode=None, backend="flash"):
     ``compile_mode``: see ``compiled``."""
     q, k, v = (torch.randn(1, H, N, Dv, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
+    chosen = SDPA_BACKENDS[backend]
 
     def fwd():
-        chosen = SDPA_BACKENDS[backend]
         with contextlib.nullcontext() if chosen is None else torch.nn.attention.sdpa_kernel(chosen):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
@@ -372,6 +372,12 @@ def bench_sdpa(N, H, Dv, causal=False):
     return r
 
 
+def sdpa_default_backend(N, H, Dv, causal) -> str:
+    """The backend torch's default SDPA picks for these inputs (bf16, ``[1, H, N, Dv]``; a private torch function)."""
+    q = torch.empty(1, H, N, Dv, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    return torch.nn.attention.SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=causal)).name
+
+
 def sdpa_backends(ns, H, Dv, causal):
     """SDPA's forward and forward+backward ms for each backend of ``SDPA_BACKENDS`` (the tables compare with flash,
     as the bars name it; torch's default may pick another, faster one)."""
@@ -384,7 +390,7 @@ def sdpa_backends(ns, H, Dv, causal):
                 cells.append(f"{name} {bench_ms(fwd, rep=100):.3f} / {bench_ms(fwd_bwd, rep=100):.3f}")
             except RuntimeError as e:  # a backend that does not take these inputs
                 cells.append(f"{name} unavailable ({str(e).splitlines()[0][:60]})")
-        log(f"  N={N}: " + ", ".join(cells))
+        log(f"  N={N}: " + ", ".join(cells) + f" (default: {sdpa_default_backend(N, H, Dv, causal)})")
 
 
 def bar_rounds(ns, widths_list, causal, rounds, compile_mode=None):

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import os
+import pstats
 import statistics
 import time
 
@@ -83,6 +85,7 @@ def main() -> None:
     p.add_argument("--widths", default="16x16")
     p.add_argument("--pin", type=int, default=None, metavar="CPU", help="run the process on this core only")
     p.add_argument("--rounds", type=int, default=2, help="passes over both modes")
+    p.add_argument("--profile", type=int, default=0, metavar="K", help="then cProfile HLA's calls: the top K")
     a = p.parse_args()
     if a.pin is not None:  # each thread has its own mask (import torch started some); later threads inherit it
         for task in os.listdir("/proc/self/task"):
@@ -121,7 +124,30 @@ def main() -> None:
                     if inside:
                         line += f"; inside forward {inside[0]:.0f} us, backward {inside[1]:.0f} us"
                     print(line)
+    if a.profile:
+        print_profile(fns["hla"], a.profile)
     torch.autograd.set_multithreading_enabled(True)
+
+
+def print_profile(fn, top: int, calls: int = 200) -> None:
+    """``cProfile`` of ``calls`` calls of ``fn`` on the main thread (autograd's device thread off, so that the
+    backward is seen too): the ``top`` entries by own time, in us a call."""
+    torch.autograd.set_multithreading_enabled(False)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, primitive calls, own s, cumulative s, callers)}
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    total = sum(v[2] for v in stats.values())
+    print(f"cProfile, {calls} calls, device thread off: {1e6 * total / calls:.0f} us a call (with the profiler's cost)")
+    for (file, line, name), (n, _, own, cum, _) in rows:
+        where = f"{os.path.basename(file)}:{line}" if line else file
+        us = f"{1e6 * own / calls:7.1f} us own {1e6 * cum / calls:7.1f} us cum"
+        print(f"  {us} {n / calls:5.1f} a call  {name} ({where})")
 
 
 if __name__ == "__main__":

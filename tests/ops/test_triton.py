@@ -342,6 +342,22 @@ def test_unsupported_reason_device(monkeypatch):
     assert "CUDA" in hla_triton.unsupported_reason(q, k, v, False)
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_hadamard_attn_asks_unsupported_reason_once(backend, monkeypatch):
+    """``hadamard_attn`` asks ``unsupported_reason`` once a call (host time); a direct ``triton_hadamard_attn``
+    call asks it itself."""
+    q, k, v = _inputs()
+    if backend == "auto" and not v.is_cuda:
+        pytest.skip("backend='auto' takes the Triton kernels for CUDA tensors only")
+    asked = []
+    reason = hla_triton.unsupported_reason
+    monkeypatch.setattr(hla_triton, "unsupported_reason", lambda *a: asked.append(1) or reason(*a))
+    o, _ = hadamard_attn(q, k, v, backend=backend)
+    assert len(asked) == 1 and torch.isfinite(o).all()
+    hla_triton.triton_hadamard_attn(q, k, v)
+    assert len(asked) == 2
+
+
 class TinyHLA(torch.nn.Module):
     """A projection to two factors of non-negative features, HLA, an output projection."""
 

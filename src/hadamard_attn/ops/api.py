@@ -153,7 +153,10 @@ def _run(path, q, k, v, causal, normalize, eps, initial_state, output_final_stat
     if path == "triton":
         from .triton import triton_hadamard_attn
 
-        return triton_hadamard_attn(q, k, v, causal, normalize, eps, initial_state, output_final_state, cu_seqlens)
+        # hadamard_attn has had _triton_reason return None for these inputs
+        return triton_hadamard_attn(
+            q, k, v, causal, normalize, eps, initial_state, output_final_state, cu_seqlens, supported=True
+        )
     fn = {"parallel": parallel_hadamard_attn, "chunk": chunk_hadamard_attn, "recurrent": recurrent_hadamard_attn}[path]
     if cu_seqlens is None:
         return fn(q, k, v, normalize, eps, initial_state, output_final_state)

@@ -143,7 +143,7 @@ def test_host_time_script_runs():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.endswith(" us")]
-    assert len(lines) == 6 and all(float(line.split()[-2]) > 0 for line in lines), out.stdout
+    assert len(lines) == 8 and all(float(line.split()[-2]) > 0 for line in lines), out.stdout
 
 
 def test_lm_gpu_script_runs_on_cpu():

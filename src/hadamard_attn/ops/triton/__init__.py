@@ -72,8 +72,8 @@ def triton_hadamard_attn(
     """HLA with the Triton kernels, on inputs validated by ``hadamard_attn`` and accepted by ``unsupported_reason``.
 
     Same arguments and results as ``naive_hadamard_attn``. ``supported``: the caller has just had
-    ``unsupported_reason`` return None for these inputs (``hadamard_attn`` does), so it is not asked again (about
-    10 us of host time a call on a 2-core VM, several times that on a GPU host).
+    ``unsupported_reason`` return None for these inputs (``hadamard_attn`` does), so it is not asked again (a causal
+    forward through ``hadamard_attn``: 59 to 61 us of host time against 64 to 68 us on a 2-core VM).
     """
     reason = None if supported else unsupported_reason(q, k, v, causal)
     if reason is not None:

@@ -96,11 +96,25 @@ def poisoned(shape, dtype, device):
 
 
 def check_one(
-    widths, Dv, dtype, B, T, H, normalize=True, init=False, cu=None, ref="naive", causal=False, pad=0, groups=None
+    widths,
+    Dv,
+    dtype,
+    B,
+    T,
+    H,
+    normalize=True,
+    init=False,
+    cu=None,
+    ref="naive",
+    causal=False,
+    pad=0,
+    groups=None,
+    final=True,
 ):
     """One case against float64; ``groups``: the causal backward forced into passes of that many heads
     (``backward_heads``, which otherwise splits only where the per-chunk states do not fit; ``backward_plan`` still
-    picks the chunk size, 32 for wide factors, as a split backward at real sizes runs)."""
+    picks the chunk size, 32 for wide factors, as a split backward at real sizes runs); without ``final``, no final
+    state asked for (the output and the gradients through it)."""
     P = len(widths)
     cu_t = None if cu is None else torch.tensor(cu, device=DEV, dtype=torch.int32)
     N = B if cu is None else len(cu) - 1
@@ -114,11 +128,12 @@ def check_one(
         # three calls: the second records the launches' keys (a dense batch), the third launches by them
         for _ in range(3):
             tp.empty = tc.empty = poisoned  # an output element a kernel never writes stays NaN
-            o, s = triton_attn(q, k, v, causal, normalize, 1e-6, st, True, cu_t)
+            o, s = triton_attn(q, k, v, causal, normalize, 1e-6, st, final, cu_t)
+            s = s or ()
             tp.empty = saved[0]  # the causal backward's outputs poisoned too (the non-causal one's as before: not)
             if not runs:
-                go, gs, gz = torch.randn_like(o), torch.randn_like(s[0]), torch.randn_like(s[1])
-            g1 = torch.autograd.grad((o * go).sum() + (s[0] * gs).sum() + (s[1] * gz).sum(), leaves)
+                go, *gs = torch.randn_like(o), *map(torch.randn_like, s)
+            g1 = torch.autograd.grad(sum(((x * g).sum() for x, g in zip((o, *s), (go, *gs)))), leaves)
             torch.cuda.synchronize()  # a fault shows here, in this case
             runs.append((o, *s, *g1))
     finally:
@@ -129,16 +144,19 @@ def check_one(
     args = (tuple(d[:P]), tuple(d[P : 2 * P]), d[2 * P])
     init_d = (d[n], d[n + 1]) if init else None
     if ref == "naive":
-        o2, s2 = naive_hadamard_attn(*args, causal, normalize, 1e-6, init_d, True, cu_t)
+        o2, s2 = naive_hadamard_attn(*args, causal, normalize, 1e-6, init_d, final, cu_t)
     elif causal:
-        o2, s2 = chunk_hadamard_attn(*args, normalize, 1e-6, init_d, True)
+        o2, s2 = chunk_hadamard_attn(*args, normalize, 1e-6, init_d, final)
     else:
-        o2, s2 = parallel_hadamard_attn(*args, normalize, 1e-6, init_d, True)
-    g2 = torch.autograd.grad((o2 * go.double()).sum() + (s2[0] * gs.double()).sum() + (s2[1] * gz.double()).sum(), d)
+        o2, s2 = parallel_hadamard_attn(*args, normalize, 1e-6, init_d, final)
+    s2 = s2 or ()
+    g2 = torch.autograd.grad(sum(((x * g.double()).sum() for x, g in zip((o2, *s2), (go, *gs)))), d)
     errs = [worst(rel(run[i], b) for run in runs) for i, b in enumerate((o2, *s2, *g2))]
+    errs[1:1] = [] if final else [0.0, 0.0]  # no final state to compare
     names = ["o", "S", "z"] + [f"d{n}" for n in [f"q{f}" for f in range(P)] + [f"k{f}" for f in range(P)] + ["v"]]
     names += ["dS0", "dz0"] if init else []
-    bad = sorted({n for run in runs for n, t in zip(names, run) if not torch.isfinite(t).all().item()})
+    run_names = names if final else names[:1] + names[3:]
+    bad = sorted({n for run in runs for n, t in zip(run_names, run) if not torch.isfinite(t).all().item()})
     finite = not bad
     ok = finite and all(e < TOL[dtype] * 2 for e in errs)  # a NaN error fails (worst keeps it)
     name = f"{'x'.join(map(str, widths))} Dv={Dv} {str(dtype)[6:]} B={B} T={T} H={H} norm={normalize} init={init}"
@@ -146,7 +164,8 @@ def check_one(
     name += f" cu={cu}" if cu else ""
     name += f" pad={pad}" if pad else ""
     name += f" backward in passes of {groups} heads" if groups else ""
-    fwd = f"o/S/z {errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e}"
+    name += "" if final else " no final state"
+    fwd = f"o/S/z {errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e}" if final else f"o {errs[0]:.1e}"
     grads = " ".join(f"{n} {e:.1e}" for n, e in zip(names[3:], errs[3:]))
     log(f"  {'ok ' if ok else 'BAD'} {name}: {fwd} grads {grads}" + (f" NOT FINITE: {bad}" if bad else ""))
     return ok
@@ -211,6 +230,15 @@ def check(large: bool, causal: bool = False, small: bool = True, config: int = 0
     ]
     for c in groups if causal and small and not config else ():
         ok &= check_one(*c, causal=True, groups=2)
+    # no final state asked for (what a model calls): whole walks, a segmented dense batch (141 chunks of 64) and a
+    # segmented packed one, from initial states
+    unfinished = [
+        ((32, 32), 128, bf16, 2, 1531, 3, True, True, None),
+        ((16, 16), 128, bf16, 2, 9000, 2, True, True, None),
+        ((64, 4), 64, fp32, 1, 9000, 2, True, True, [0, 100, 9000]),
+    ]
+    for c in unfinished if causal and small and not config else ():
+        ok &= check_one(*c, causal=True, final=False)
     if large:
         big = "chunk" if causal else "parallel"  # the float64 torch path of the same mode
         ok &= check_one((32, 32), 128, torch.bfloat16, 1, 32760, 12, True, False, None, ref=big, causal=causal)

@@ -73,7 +73,7 @@ def main(warps: int) -> None:
     # whole walks, then segments of one chunk (the carries, the readers adding them), dense and packed
     for segment, cu in ((64, None), (1, None), (1, packed)):
         chunk.segment_chunks = lambda segment=segment: segment
-        o, S, z, den, res = chunk.chunk_fwd(q, k, v, None, None, cu, True, 1e-6, 64, True)
+        o, S, z, den, res = chunk.chunk_fwd(q, k, v, None, None, cu, True, 1e-6, 64, True, True)
         do, dS, dz = torch.randn_like(v), torch.zeros_like(S), torch.zeros_like(z)
         chunk.chunk_bwd(q, k, v, o, res, den, None, None, cu, do, dS, dz, True, 1e-6, 64, H)
     print(json.dumps(counts))

@@ -121,6 +121,25 @@ def test_chunk_segmented_short(hla, segments):
     assert "chunk_carry_kernel" not in segments
 
 
+@pytest.mark.parametrize("segmented", [False, True])
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 5, 70]])
+def test_chunk_without_final_state(hla, segments, monkeypatch, segmented, cu_seqlens):
+    """``output_final_state=False`` (what a model calls): the output and its gradients against float64, from an
+    initial state, whole walks and segmented ones (the carries then run without storing a final state), and no
+    final state allocated: of ``[N, H, M, Dv]`` and ``[N, H, M]`` (N = 2 sequences, M = 32) only the initial state's
+    gradient (the backward's)."""
+    if not segmented:
+        monkeypatch.setattr(sys.modules["hadamard_attn.ops.triton.chunk"], "segment_chunks", lambda: 64)
+    chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
+    shapes = []
+    poisoned = chunk.empty
+    monkeypatch.setattr(chunk, "empty", lambda shape, *a: shapes.append(tuple(shape)) or poisoned(shape, *a))
+    B, T = (2, 35) if cu_seqlens is None else (1, 70)
+    check(hla, (4, 8), 16, B, T, 2, True, True, cu_seqlens=cu_seqlens, causal=True, final=False)
+    assert ("chunk_carry_kernel" in segments) == segmented
+    assert shapes.count((2, 2, 32, 16)) == shapes.count((2, 2, 32)) == 1, shapes
+
+
 @pytest.mark.parametrize("normalize, init", [(True, True), (False, False)])
 def test_chunk_segmented_varlen(hla, segments, normalize, init):
     # packed sequences of 1, 16, 83 and 100 tokens: 1, 1, 3 and 4 segments of two chunks of 16 (the grid has 4;
@@ -193,10 +212,10 @@ def test_chunk_custom_ops(hla, dtype):
     q, k, v, S0, z0 = [x.to(dtype) for x in leaves[:2]], [x.to(dtype) for x in leaves[2:4]], *leaves[4:]
     v = v.to(dtype)
     utils = ("test_schema", "test_faketensor")
-    for backward in (False, True):
-        fwd_args = (q, k, v, S0, z0, None, True, 1e-6, 16, backward)
+    for backward, final in ((False, True), (True, False), (True, True)):
+        fwd_args = (q, k, v, S0, z0, None, True, 1e-6, 16, backward, final)
         torch.library.opcheck(torch.ops.hadamard_attn.chunk_fwd.default, fwd_args, test_utils=utils)
-    o, S, z, den, res = torch.ops.hadamard_attn.chunk_fwd(q, k, v, S0, z0, None, True, 1e-6, 16, True)
+    o, S, z, den, res = torch.ops.hadamard_attn.chunk_fwd(q, k, v, S0, z0, None, True, 1e-6, 16, True, True)
     grads = torch.ones_like(o), torch.ones_like(S), torch.ones_like(z)
     for heads in (2, 1):  # all heads at once, one a pass
         args = (q, k, v, o, res, den, S0, z0, None, *grads, True, 1e-6, 16, heads)
@@ -211,12 +230,12 @@ def test_chunk_output_residual_restores_the_fp32_output(hla, dtype):
     leaves = make(2, 45, 2, (4, 8), 16, 1, False)
     (q, k), v = [[x.detach().to(dtype) for x in f] for f in (leaves[:2], leaves[2:4])], leaves[4].detach().to(dtype)
     fwd = sys.modules["hadamard_attn.ops.triton.chunk"]._chunk_fwd
-    o, *_, res = fwd(q, k, v, None, None, None, True, 1e-6, 16, True)
+    o, *_, res = fwd(q, k, v, None, None, None, True, 1e-6, 16, True, False)
     ref, _ = naive_hadamard_attn(*[[x.double() for x in f] for f in (q, k)], v.double(), True, True, 1e-6)
     assert res.dtype == o.dtype and res.shape == o.shape
     restored = o.double() + res.double()
     assert rel(restored, ref) < 3e-5 and rel(restored, ref) < rel(o, ref) / 50, (rel(restored, ref), rel(o, ref))
-    assert fwd(q, k, v, None, None, None, True, 1e-6, 16, False)[-1].numel() == 0
+    assert fwd(q, k, v, None, None, None, True, 1e-6, 16, False, False)[-1].numel() == 0
 
 
 @pytest.mark.parametrize("widths", [(16,), (4, 8), (2, 8), (8, 2), (4, 2, 4)])
@@ -399,7 +418,7 @@ def test_chunk_bwd_head_passes_equal_all_heads(hla, T, init):
     q, k = [x.bfloat16() for x in leaves[:2]], [x.bfloat16() for x in leaves[2:4]]
     v = leaves[4].bfloat16()
     S0, z0 = leaves[5:] if init else (None, None)
-    o, S, z, den, res = chunk._chunk_fwd(q, k, v, S0, z0, None, True, 1e-6, 16, True)
+    o, S, z, den, res = chunk._chunk_fwd(q, k, v, S0, z0, None, True, 1e-6, 16, True, True)
     assert res.numel() == o.numel()
     do = torch.randn_like(o)
     dS = torch.randn_like(S) if init else None
@@ -509,8 +528,9 @@ def test_segment_count(hla, monkeypatch):
 
 
 def test_launch_key(hla):
-    """``_launch_key`` has what sets a dense batch's launches beyond the shapes: the segments, the pass, the inputs'
-    dtype and 16-byte alignment; a packed batch has none (its grids follow ``cu_seqlens``)."""
+    """``_launch_key`` has what sets a dense batch's launches beyond the shapes: the segments, the pass, its flags
+    (options that set keyword arguments), the inputs' dtype and 16-byte alignment; a packed batch has none (its
+    grids follow ``cu_seqlens``)."""
     chunk = sys.modules["hadamard_attn.ops.triton.chunk"]
     cpu = torch.device("cpu")
     v = torch.empty(1, 64, 2, 16)
@@ -519,14 +539,14 @@ def test_launch_key(hla):
     split = chunk.Segments(2, 2, 2, chunk.dummy(cpu))
     x = torch.empty(65)
 
-    def key(segs=whole, pass_="fwd", *tensors):
-        return chunk._launch_key(pass_, seqs, segs, v, (16,), 16, True, False, v, *tensors)
+    def key(segs=whole, pass_="fwd", *tensors, flags=(True, False)):
+        return chunk._launch_key(pass_, seqs, segs, v, (16,), 16, flags, v, *tensors)
 
-    assert key() == key() and key() != key(split) and key() != key(whole, "bwd")
+    assert key() == key() and key() != key(split) and key() != key(whole, "bwd") and key() != key(flags=(True, True))
     assert key(whole, "fwd", x[:64]) == key(whole, "fwd", x[:64].clone()) != key(whole, "fwd", x[1:])
     assert key(whole, "fwd", x[:64]) != key(whole, "fwd", x[:64].double()) != key(whole, "fwd", None)
     packed = chunk.sequences(torch.tensor([0, 30, 64], dtype=torch.int32), 1, 64, cpu)
-    assert chunk._launch_key("fwd", packed, whole, v, (16,), 16, True, False, v) is None
+    assert chunk._launch_key("fwd", packed, whole, v, (16,), 16, (True, False), v) is None
 
 
 def test_segments_of_a_packed_batch(hla, segments):

@@ -356,6 +356,7 @@ def chunk_state_kernel(
     C: tl.constexpr,
     SEG: tl.constexpr,
     HAS_INIT: tl.constexpr,
+    FINAL: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
@@ -363,12 +364,12 @@ def chunk_state_kernel(
     BV: tl.constexpr,
 ):
     """The forward's states (``walk_chunks`` over the keys ``x*`` and values ``v``): ``hs, hz`` entering each
-    chunk and the final ``S, z`` (with ``SEG``: each segment's total). Grid: (M tiles * Dv tiles, N * H,
-    segments)."""
+    chunk and, with ``FINAL``, the final ``S, z`` (with ``SEG``: each segment's total, always). Grid: (M tiles * Dv
+    tiles, N * H, segments)."""
     walk_chunks(
         x1, x2, x3, v, v, v, 0.0, S0, z0, hs, hz, S, z, cu_seqlens, chunk_offsets, seg_offsets, T_SEQ,
         tl.program_id(0), tl.program_id(1), tl.program_id(2),
-        H, DV, R1, R2, R3, P, C, SEG, HAS_INIT, False, False, True, IS_VARLEN, DOT, PREC, BM, BV,
+        H, DV, R1, R2, R3, P, C, SEG, HAS_INIT, False, False, FINAL or SEG > 0, IS_VARLEN, DOT, PREC, BM, BV,
     )  # fmt: skip
 
 
@@ -1000,15 +1001,15 @@ def _segment_totals(n: int, H: int, M: int, Dv: int, device) -> State:
 
 
 def _launch_key(
-    pass_: str, seqs: Seqs, segs: Segments, v: torch.Tensor, widths, C: int, normalize: bool, keeps: bool, *tensors
+    pass_: str, seqs: Seqs, segs: Segments, v: torch.Tensor, widths, C: int, flags: tuple[bool, ...], *tensors
 ) -> tuple | None:
     """The ``launch`` key of a dense batch's kernels in the forward or backward ``pass_`` (both launch the carry
-    kernel): the shapes, the segments (``segment_count`` may be replaced, as tests do), the options that set keyword
-    arguments and each tensor's ``alignment`` as launched; None for a packed batch (its chunk counts, in the grids,
-    vary with ``cu_seqlens``)."""
+    kernel): the shapes, the segments (``segment_count`` may be replaced, as tests do), the options (``flags``)
+    that set keyword arguments and each tensor's ``alignment`` as launched; None for a packed batch (its chunk
+    counts, in the grids, vary with ``cu_seqlens``)."""
     if seqs.IS_VARLEN:
         return None
-    return (pass_, v.shape, v.device, widths, C, segs.NSEG, segs.SEG, normalize, keeps, alignment(*tensors))
+    return (pass_, v.shape, v.device, widths, C, segs.NSEG, segs.SEG, flags, alignment(*tensors))
 
 
 def _carry(F, Fz, S0, z0, S, z, dF, dFz, dS, dz, seqs, segs, H, M, Dv, C, key, dS0=None, dz0=None, final=False) -> None:
@@ -1038,10 +1039,11 @@ def _chunk_fwd(
     eps: float,
     chunk_size: int,
     backward: bool,
+    final: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Causal forward: ``(o [B, T, H, Dv], S [N, H, M, Dv], z [N, H, M], den [B * T, H], res)``, the state in
-    fp32; ``den`` (with ``normalize``) and ``res`` (``o``'s rounding residual, empty unless ``keeps_residual``) are
-    for the backward."""
+    """Causal forward: ``(o [B, T, H, Dv], S [N, H, M, Dv], z [N, H, M], den [B * T, H], res)``, the final state
+    in fp32 with ``final``, else ``S, z`` empty (neither allocated nor stored); ``den`` (with ``normalize``) and
+    ``res`` (``o``'s rounding residual, empty unless ``keeps_residual``) are for the backward."""
     q = tuple(x.contiguous() for x in q)
     k = tuple(x.contiguous() for x in k)
     v = v.contiguous()
@@ -1060,21 +1062,23 @@ def _chunk_fwd(
     keeps = keeps_residual(v.dtype, normalize, backward)
     segs = _segments(seqs, chunks, M, Dv, H, v.device)
     SEG = segs.SEG
-    key = _launch_key("fwd", seqs, segs, v, widths, C, normalize, keeps, *q, *k, v, S0, z0)
+    key = _launch_key("fwd", seqs, segs, v, widths, C, (normalize, keeps, final), *q, *k, v, S0, z0)
     hs, hz = _chunk_states(NT, H, M, Dv, DOT, v.device)
-    S = empty((seqs.N, H, M, Dv), torch.float32, v.device)
-    z = empty((seqs.N, H, M), torch.float32, v.device)
+    if final:
+        S, z = empty((seqs.N, H, M, Dv), torch.float32, v.device), empty((seqs.N, H, M), torch.float32, v.device)
+    else:
+        S, z = v.new_empty(0, dtype=torch.float32), v.new_empty(0, dtype=torch.float32)
     has_init = S0 is not None
     F, Fz = _segment_totals(segs.rows, H, M, Dv, v.device) if SEG else (S, z)
     launch(
         chunk_state_kernel, _state_grid(widths, Dv, seqs.N * H, segs.NSEG),
         *factors3(k), v, S0 if has_init else S, z0 if has_init else z, hs, hz, F, Fz,
         seqs.cu_seqlens, chunks.offsets, segs.offsets, seqs.T_SEQ, key=key, LENGTH_CLASS=length_class(B * T),
-        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(k), C=C, SEG=SEG, HAS_INIT=has_init and not SEG,
+        H=H, DV=Dv, R1=R1, R2=R2, R3=R3, P=len(k), C=C, SEG=SEG, HAS_INIT=has_init and not SEG, FINAL=final,
         IS_VARLEN=seqs.IS_VARLEN, DOT=DOT, PREC=PREC,
     )  # fmt: skip
     if SEG:
-        _carry(F, Fz, S0, z0, S, z, None, None, None, None, seqs, segs, H, M, Dv, C, key, final=True)
+        _carry(F, Fz, S0, z0, S, z, None, None, None, None, seqs, segs, H, M, Dv, C, key, final=final)
     o = empty(v.shape, v.dtype, v.device)
     den = empty((B * T, H), torch.float32, v.device)
     res = empty(v.shape, v.dtype, v.device) if keeps else v.new_empty(0)
@@ -1096,9 +1100,12 @@ chunk_fwd = torch.library.custom_op("hadamard_attn::chunk_fwd", _chunk_fwd, muta
 
 
 @chunk_fwd.register_fake
-def _(q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size, backward):
+def _(q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size, backward, final):
     res = torch.empty_like(v) if keeps_residual(v.dtype, normalize, backward) else v.new_empty(0)
-    return (*fake_forward_outputs(q, v, cu_seqlens), res)
+    o, S, z, den = fake_forward_outputs(q, v, cu_seqlens)
+    if not final:
+        S, z = v.new_empty(0, dtype=torch.float32), v.new_empty(0, dtype=torch.float32)
+    return o, S, z, den, res
 
 
 def _heads(x: torch.Tensor | None, dim: int = 2, *, h: int, n: int) -> torch.Tensor | None:
@@ -1182,7 +1189,7 @@ def _chunk_bwd(
     dz = dz.float().contiguous() if has_ds else None
     segs = _segments(seqs, chunks, M, Dv, H, v.device)
     SEG = segs.SEG
-    key = _launch_key("bwd", seqs, segs, v, widths, C, normalize, keeps, *q, *k, v, do, o, res, den, S0, z0, dS, dz)
+    key = _launch_key("bwd", seqs, segs, v, widths, C, (normalize, keeps), *q, *k, v, do, o, res, den, S0, z0, dS, dz)
     w = empty((B, T, H), torch.float32, v.device)
     BR = 16
     launch(
@@ -1251,17 +1258,18 @@ class ChunkHLATriton(torch.autograd.Function):
     ``torch.compile``; their Python functions in eager mode, see ``traced``)."""
 
     @staticmethod
-    def forward(ctx, P, normalize, eps, chunk_size, given, cu_seqlens, v, S0, z0, *factors):
-        """``chunk_size``: the forward's; ``given``: whether the caller chose it (then the backward's too)."""
+    def forward(ctx, P, normalize, eps, chunk_size, given, final, cu_seqlens, v, S0, z0, *factors):
+        """``chunk_size``: the forward's; ``given``: whether the caller chose it (then the backward's too);
+        ``final``: whether to return the final state (else ``None, None``)."""
         q, k = list(factors[:P]), list(factors[P:])
         backward = any(ctx.needs_input_grad)
         o, S, z, den, res = traced(chunk_fwd, _chunk_fwd)(
-            q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size, backward
+            q, k, v, S0, z0, cu_seqlens, normalize, eps, chunk_size, backward, final
         )
         ctx.save_for_backward(v, o, res, den, S0, z0, cu_seqlens, *factors)
         ctx.cfg = (P, normalize, eps, chunk_size, given)
         ctx.set_materialize_grads(False)  # an unused final state costs no zeros
-        return o, S, z
+        return (o, S, z) if final else (o, None, None)
 
     @staticmethod
     def backward(ctx, do, dS, dz):
@@ -1276,7 +1284,7 @@ class ChunkHLATriton(torch.autograd.Function):
         )
         if S0 is None:
             dS0 = dz0 = None
-        return None, None, None, None, None, None, dv, dS0, dz0, *dq, *dk
+        return None, None, None, None, None, None, None, dv, dS0, dz0, *dq, *dk
 
 
 def chunk_hadamard_attn_triton(
@@ -1301,5 +1309,6 @@ def chunk_hadamard_attn_triton(
     S0, z0 = (None, None) if initial_state is None else initial_state
     C = chunk_size or default_chunk_size()
     given = bool(chunk_size)
-    o, S, z = ChunkHLATriton.apply(len(q), normalize, eps, C, given, cu_seqlens, v, S0, z0, *q, *k)
-    return o, ((S, z) if output_final_state else None)
+    final = bool(output_final_state)
+    o, S, z = ChunkHLATriton.apply(len(q), normalize, eps, C, given, final, cu_seqlens, v, S0, z0, *q, *k)
+    return o, ((S, z) if final else None)
